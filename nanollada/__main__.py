@@ -1,0 +1,5 @@
+"""``python -m nanollada`` -> the ``nanollada`` command."""
+
+from nanollada.cli import main
+
+main()

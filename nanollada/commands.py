@@ -1,0 +1,170 @@
+"""The project's own commands beside LightningCLI's: tokenizer, predict (and, as they land, compare, eval, ...).
+
+Each command is a function ``(argv) -> None`` whose docstring's first line is its one-line help.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def tokenizer_command(argv: list[str]) -> None:
+    """train a SentencePiece tokenizer, or measure its characters per token"""
+    parser = argparse.ArgumentParser(prog="nanollada tokenizer", description=tokenizer_command.__doc__)
+    sub = parser.add_subparsers(dest="action", required=True)
+    tr = sub.add_parser("train", help="train a BPE tokenizer (byte fallback) on jsonl/jsonl.gz files")
+    tr.add_argument("--input", nargs="+", required=True, help="pretrain or SFT jsonl(.gz) files")
+    tr.add_argument("--vocab-size", type=int, default=8192)
+    tr.add_argument("--output", required=True, help="directory for tokenizer.model")
+    tr.add_argument("--max-sentences", type=int, default=2_000_000, help="reservoir sample size of texts")
+    st = sub.add_parser("stats", help="characters per token of a tokenizer on jsonl/jsonl.gz files")
+    st.add_argument("--input", nargs="+", required=True)
+    st.add_argument("--tokenizer", default=None, help="model file or directory (default: the shipped one)")
+    st.add_argument("--validation-only", action="store_true", help="only the records of the validation split")
+    args = parser.parse_args(argv)
+    from nanollada.tokenizer import Tokenizer, train_tokenizer
+    if args.action == "train":
+        path = train_tokenizer(args.input, args.output, args.vocab_size, args.max_sentences)
+        tok = Tokenizer(path)
+        print(f"wrote {path} (vocab {tok.vocab_size}; pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id}, "
+              f"mask {tok.mask_id}, im_start {tok.im_start_id}, im_end {tok.im_end_id})")
+        return
+    from nanollada.data.records import SHARED_VAL_FRACTION, is_validation, iter_records
+    tok = Tokenizer(args.tokenizer)
+    print(f"| file | records | characters | tokens | chars/token |\n|---|---|---|---|---|")
+    for f in args.input:
+        n_rec = n_chars = n_tok = 0
+        kind = "sft" if "sft" in f or "alpaca" in f or "sharegpt" in f else "pretrain"
+        for key, rec in iter_records(f, kind):
+            if args.validation_only and not is_validation(key, SHARED_VAL_FRACTION):
+                continue
+            texts = [rec["text"]] if kind == "pretrain" else [m["content"] for m in rec["conversations"]]
+            n_rec += 1
+            n_chars += sum(len(t) for t in texts)
+            n_tok += sum(len(ids) for ids in tok.encode_batch(texts))
+        print(f"| {f} | {n_rec} | {n_chars} | {n_tok} | {n_chars / max(n_tok, 1):.3f} |")
+
+
+def _settings_parser(prog: str, doc: str):
+    """A jsonargparse parser with GenerationSettings' fields as flat flags (--temperature, --strategy, ...)."""
+    from jsonargparse import ArgumentParser
+
+    from nanollada.generate import GenerationSettings
+    parser = ArgumentParser(prog=prog, description=doc, default_env=False)
+    parser.add_class_arguments(GenerationSettings, nested_key=None, as_group=True)
+    parser.add_argument("--prompt", type=list[str], default=[], help="prompt text (repeat the flag for several)")
+    parser.add_argument("--prompts_file", type=str | None, default=None,
+                        help="a .txt file (one prompt per line) or .jsonl file with a 'prompt' field per line")
+    parser.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto")
+    return parser
+
+
+def _settings(cfg):
+    from nanollada.generate import GenerationSettings
+    return GenerationSettings(**{f: cfg[f] for f in GenerationSettings.__dataclass_fields__})
+
+
+def read_prompts(prompts: list[str], path: str | None) -> list[str]:
+    """Prompts from the command line and/or a file, with clear errors for unreadable or empty input."""
+    import json
+    out = list(prompts)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    if path.endswith(".jsonl"):
+                        try:
+                            out.append(json.loads(line)["prompt"])
+                        except (ValueError, KeyError, TypeError):
+                            raise SystemExit(f"{path}:{lineno}: expected a JSON object with a 'prompt' field")
+                    else:
+                        out.append(line.rstrip("\n"))
+        except FileNotFoundError:
+            raise SystemExit(f"prompts file not found: {path}")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})")
+    if not out:
+        raise SystemExit("no prompts: give --prompt TEXT or --prompts_file FILE")
+    for i, p in enumerate(out):
+        if not isinstance(p, str) or not p.strip():
+            raise SystemExit(f"prompt {i + 1} is empty")
+    return out
+
+
+def _device(name: str) -> str:
+    import torch
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _load(path: str, device: str):
+    from nanollada.lm.base import load_checkpoint
+    try:
+        return load_checkpoint(path, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e))
+
+
+def predict_command(argv: list[str]) -> None:
+    """sample from an AR or diffusion checkpoint and write JSONL (prompt, completion, tokens, seconds)"""
+    import json
+    import sys
+
+    from nanollada.generate import generate_text
+    parser = _settings_parser("nanollada predict", predict_command.__doc__)
+    parser.add_argument("--ckpt", type=str, required=True, help="a nanollada checkpoint (.ckpt)")
+    parser.add_argument("--output", type=str | None, default=None, help="JSONL file to write (default: stdout only)")
+    parser.add_argument("--trace", type=str | None, default=None,
+                        help="diffusion: write the denoising canvas of the first prompt, step by step, to this HTML file")
+    cfg = parser.parse_args(argv)
+    prompts = read_prompts(cfg.prompt, cfg.prompts_file)
+    loaded = _load(cfg.ckpt, _device(cfg.device))
+    settings = _settings(cfg)
+    records = []
+    if cfg.trace and loaded.paradigm != "diffusion":
+        raise SystemExit("--trace needs a diffusion checkpoint")
+    for i, p in enumerate(prompts):
+        try:
+            rec = generate_text(loaded, p, settings, trace_path=cfg.trace if i == 0 else None)
+        except ValueError as e:
+            raise SystemExit(f"prompt {p[:40]!r}...: {e}")
+        records.append(rec)
+        print(f"### {p}\n{rec['completion']}\n[{rec['tokens']} tokens, {rec['forwards']} forwards, "
+              f"{rec['seconds']:.2f}s, {rec['tokens_per_second']:.1f} tok/s]\n", file=sys.stderr)
+    if cfg.trace:
+        print(f"wrote the denoising trace of the first prompt to {cfg.trace}", file=sys.stderr)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if cfg.output:
+        with open(cfg.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"wrote {len(records)} records to {cfg.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def compare_command(argv: list[str]) -> None:
+    """run an AR and a diffusion checkpoint on the same prompts: text side by side, latency, tokens/s, forwards"""
+    import json
+
+    from nanollada.evaluation.compare import compare, format_table
+    parser = _settings_parser("nanollada compare", compare_command.__doc__)
+    parser.add_argument("--ar", type=str, required=True, help="AR checkpoint")
+    parser.add_argument("--diffusion", type=str, required=True, help="diffusion checkpoint")
+    parser.add_argument("--strategies", type=list[str], default=["low_confidence", "threshold", "threshold_topk"],
+                        help="diffusion strategies to run (each against the same AR run)")
+    parser.add_argument("--output", type=str | None, default=None, help="JSON file for the full results")
+    cfg = parser.parse_args(argv)
+    prompts = read_prompts(cfg.prompt, cfg.prompts_file)
+    device = _device(cfg.device)
+    result = compare(_load(cfg.ar, device), _load(cfg.diffusion, device), prompts, _settings(cfg), cfg.strategies)
+    print(format_table(result))
+    if cfg.output:
+        with open(cfg.output, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, ensure_ascii=False, indent=1)
+        print(f"wrote {cfg.output}")
+
+
+COMMANDS = {"tokenizer": tokenizer_command, "predict": predict_command, "compare": compare_command}

@@ -1,0 +1,189 @@
+"""One LightningDataModule for pretraining and SFT jsonl, shared by both paradigms.
+
+Files are tokenized once into token caches (``cache.py``); training rows come from an infinite, seeded, resumable
+stream (``MixtureSampler``) whose position is derived from the trainer's global step, so ``--ckpt_path last``
+continues on exactly the next batch. The collate function is chosen by the model (``collate_cls``), so AR and
+diffusion see the same files, rows and order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+
+from nanollada.data.cache import TokenCache, build_cache
+from nanollada.data.records import SHARED_VAL_FRACTION
+from nanollada.tokenizer import Tokenizer
+
+
+class PackedRows(Dataset):
+    """Fixed-length rows of ``seq_len + 1`` tokens cut back to back from a token stream, with document ids.
+
+    Item: ``{"tokens": (L+1,) long, "doc_ids": (L+1,) long}``; row i covers stream positions [i*L, i*L + L].
+    """
+
+    def __init__(self, cache: TokenCache, seq_len: int):
+        self.cache, self.seq_len = cache, seq_len
+        self.n = max(0, (len(cache.tokens) - 1) // seq_len)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        start = i * self.seq_len
+        pos = np.arange(start, start + self.seq_len + 1)
+        docs = np.searchsorted(self.cache.offsets, pos, side="right") - 1
+        tokens = np.asarray(self.cache.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        return {"tokens": torch.from_numpy(tokens), "doc_ids": torch.from_numpy(docs - docs[0])}
+
+
+class Conversations(Dataset):
+    """One rendered SFT conversation per item: ``{"tokens": (n,) long, "loss_mask": (n,) bool}``."""
+
+    def __init__(self, cache: TokenCache):
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return self.cache.n_docs
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        a, b = int(self.cache.offsets[i]), int(self.cache.offsets[i + 1])
+        return {"tokens": torch.from_numpy(np.asarray(self.cache.tokens[a:b], dtype=np.int64)),
+                "loss_mask": torch.from_numpy(np.asarray(self.cache.mask[a:b], dtype=np.bool_))}
+
+
+class MixtureSampler(Sampler[int]):
+    """Infinite stream of indices into a ConcatDataset of files, mixed by weight, deterministic and resumable.
+
+    Epoch e is a shuffle (seed, e) of every file's rows, file i contributing ``round(weight_i * n_i)`` rows (rows
+    repeat when weight > 1). Global stream position p goes to rank ``p % world_size``; ``start`` skips the first
+    ``start`` global positions (the samples already consumed by all ranks).
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int = 0, start: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if not any(n > 0 and w > 0 for n, w in zip(sizes, weights)):
+            raise ValueError("no training rows: every file is empty or has weight 0 (is seq_len too long?)")
+        self.sizes, self.weights, self.seed = sizes, weights, seed
+        self.start, self.rank, self.world_size = start, rank, world_size
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        parts = []
+        for off, n, w in zip(self.offsets, self.sizes, self.weights):
+            count = int(round(w * n)) if n else 0
+            if count:
+                reps = -(-count // n)
+                parts.append(off + torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:count])
+        order = torch.cat(parts)
+        return order[torch.randperm(len(order), generator=g)]
+
+    def __iter__(self) -> Iterator[int]:
+        pos = self.start + self.rank
+        epoch, epoch_start = 0, 0
+        order = self.epoch_order(0)
+        while True:
+            while pos >= epoch_start + len(order):
+                epoch_start += len(order)
+                epoch += 1
+                order = self.epoch_order(epoch)
+            yield int(order[pos - epoch_start])
+            pos += self.world_size
+
+
+class LMDataModule(L.LightningDataModule):
+    """Pretraining or SFT jsonl(.gz) files, tokenized, cached, split and batched for either paradigm.
+
+    Args:
+        train_files: jsonl or jsonl.gz files; relative paths are resolved against ``data_root`` when it is set.
+        kind: ``pretrain`` ({"text"} records, packed rows) or ``sft`` ({"conversations"} records, one per row).
+        weights: Mixing weight per file (rows per epoch = weight x rows in the file); default 1 each.
+        data_root: Directory that relative ``train_files`` live in (e.g. ``../shared/data``); the
+            ``NANOLLADA_DATA`` environment variable overrides it.
+        tokenizer: SentencePiece model file or directory; default: the tokenizer shipped with nanollada.
+        seq_len: Tokens per training row (pretrain rows are packed to exactly this; SFT rows are truncated to it).
+        batch_size: Rows per batch per device.
+        val_fraction: Share of records held out by the SHA-1 rule; 2/256 is ../shared/data/README.md's split.
+        max_val_rows: Cap on validation rows (the first ones, so every model sees the same); None = all.
+        cache_dir: Where token caches are written.
+        skip_bad_lines: Skip malformed lines (counted in the log) instead of stopping with file:line.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the training order.
+    """
+
+    def __init__(self, train_files: list[str], kind: Literal["pretrain", "sft"] = "pretrain",
+                 weights: list[float] | None = None, data_root: str | None = None, tokenizer: str | None = None,
+                 seq_len: int = 256, batch_size: int = 16, val_fraction: float = SHARED_VAL_FRACTION,
+                 max_val_rows: int | None = None, cache_dir: str = "data/cache", skip_bad_lines: bool = False,
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if kind not in ("pretrain", "sft"):
+            raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
+        if weights is not None and len(weights) != len(train_files):
+            raise ValueError(f"{len(weights)} weights for {len(train_files)} train_files")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        root = os.environ.get("NANOLLADA_DATA") or data_root
+        self.files = [f if root is None or os.path.isabs(f) else os.path.join(root, f) for f in train_files]
+        self.weights = list(weights) if weights is not None else [1.0] * len(train_files)
+        self.kind, self.seq_len, self.batch_size = kind, seq_len, batch_size
+        self.tokenizer = Tokenizer(tokenizer)
+        self.train_set = self.val_set = None
+
+    def _cache_dirs(self) -> list:
+        max_len = self.seq_len if self.kind == "sft" else None
+        return [build_cache(f, self.kind, self.tokenizer, self.hparams.cache_dir, self.hparams.val_fraction,
+                            self.hparams.skip_bad_lines, max_len) for f in self.files]
+
+    def prepare_data(self) -> None:
+        self._cache_dirs()
+
+    def _datasets(self, split: str) -> list[Dataset]:
+        caches = [TokenCache(d, split) for d in self._cache_dirs()]
+        if self.kind == "pretrain":
+            return [PackedRows(c, self.seq_len) for c in caches]
+        return [Conversations(c) for c in caches]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_parts = self._datasets("train")
+            self.train_set = ConcatDataset(self.train_parts)
+            val = ConcatDataset(self._datasets("val"))
+            n = len(val) if self.hparams.max_val_rows is None else min(len(val), self.hparams.max_val_rows)
+            self.val_set = torch.utils.data.Subset(val, range(n))
+
+    def _collate(self):
+        cls = getattr(self.trainer.lightning_module, "collate_cls", None) if self.trainer else None
+        if cls is None:
+            raise RuntimeError("the model must define collate_cls (ARCollate or DiffusionCollate)")
+        return cls(self.kind, self.tokenizer.pad_id, self.tokenizer.eos_id, max_len=self.seq_len)
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.trainer
+        consumed = t.global_step * t.accumulate_grad_batches * self.batch_size * t.world_size
+        sampler = MixtureSampler([len(d) for d in self.train_parts], self.weights, self.hparams.seed, consumed,
+                                 t.global_rank, t.world_size)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate(),
+                          num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def _eval_loader(self) -> DataLoader:
+        if len(self.val_set) == 0:
+            raise ValueError(f"no validation rows in {self.files} (val_fraction={self.hparams.val_fraction}); "
+                             "raise val_fraction or give longer files")
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
+                          num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()

@@ -1,0 +1,93 @@
+"""Reading pretrain/SFT JSON Lines (.jsonl or .jsonl.gz) as a stream, with errors that name file and line.
+
+Pretrain records: ``{"text": str, ...}``. SFT records: ``{"conversations": [{"role", "content"}, ...], ...}``.
+The validation split is a pure function of the record's key text (``text``, or the first message's ``content``):
+a record is held out when the SHA-1 of that text, read as a fraction of 2**32 from its first 8 hex digits, is below
+``val_fraction``. With ``val_fraction = 2/256`` this is exactly ../shared/data/README.md's rule (digest starts with
+``00`` or ``01``), so every model is scored on the same records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from nanollada.tokenizer import ROLES, open_text
+
+SHARED_VAL_FRACTION = 2 / 256
+
+
+class DataError(ValueError):
+    """A malformed input line; the message starts with ``file:line:``."""
+
+
+@dataclass
+class ReadStats:
+    """Counts kept while streaming a file (skipped lines are counted, never silently lost)."""
+
+    records: int = 0
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+def is_validation(key_text: str, val_fraction: float) -> bool:
+    digest = hashlib.sha1(key_text.encode("utf-8")).hexdigest()
+    return int(digest[:8], 16) < val_fraction * 2**32
+
+
+def _check(record, kind: str) -> str:
+    """Validate a record of ``kind`` and return its split key text; raise ValueError with the reason."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    if kind == "pretrain":
+        if not isinstance(record.get("text"), str):
+            raise ValueError('missing string field "text"')
+        return record["text"]
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise ValueError('missing non-empty list "conversations"')
+    for m in conv:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"bad message {str(m)[:80]!r}: need role in {ROLES} and string content")
+    if not any(m["role"] == "assistant" for m in conv):
+        raise ValueError("conversation has no assistant turn")
+    return conv[0]["content"]
+
+
+def iter_records(path: str, kind: str, skip_bad_lines: bool = False,
+                 stats: ReadStats | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield (split_key_text, record) for every valid line of ``path``.
+
+    A malformed line raises ``DataError("path:line: reason")`` unless ``skip_bad_lines``, in which case it is
+    counted in ``stats`` (with the first few reasons kept for the log). Blank lines are ignored.
+    """
+    if kind not in ("pretrain", "sft"):
+        raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
+    stats = stats if stats is not None else ReadStats()
+    with open_text(path) as fh:
+        lineno = 0
+        while True:
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason})") from None
+            if not line:
+                break
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                key = _check(record, kind)
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                reason = f"{path}:{lineno}: {e}"
+                if not skip_bad_lines:
+                    raise DataError(reason + " (set skip_bad_lines: true to skip and count such lines)") from None
+                stats.skipped += 1
+                if len(stats.skipped_examples) < 5:
+                    stats.skipped_examples.append(reason)
+                continue
+            stats.records += 1
+            yield key, record

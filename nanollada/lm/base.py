@@ -1,0 +1,244 @@
+"""What every paradigm's LightningModule shares: the backbone, optimizer, LR schedule, logging and checkpoint payload.
+
+Subclasses (``ARLM``, ``MaskedDiffusionLM``) set ``causal`` and ``collate_cls`` and implement ``training_step`` /
+``validation_step`` with their own loss; nothing here branches on the paradigm.
+
+Checkpoints carry a ``nanollada`` entry (model config, paradigm, tokenizer bytes) so ``load_checkpoint`` can rebuild
+a model for sampling or evaluation without Lightning, using ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from nanollada.checkpoint import AtomicCheckpointIO
+from nanollada.model import ModelConfig, Transformer, document_attention_mask, load_matching_weights
+from nanollada.tokenizer import Tokenizer
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float,
+              decay_fraction: float) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (linear warmup, then cosine / wsd / constant)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = total_steps - int(decay_fraction * total_steps)  # warmup-stable-decay
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    return 1.0 - (1 - min_lr_ratio) * progress
+
+
+class LanguageModel(L.LightningModule):
+    """Base LightningModule: a ``Transformer`` plus AdamW, warmup + cosine/WSD schedule and throughput logging.
+
+    Args:
+        preset: Backbone size: ``tiny`` (~1M, tests), ``small`` (~6M, CPU), ``base`` (~27M, the flagship).
+        d_model: Override the preset's width.
+        n_layers: Override the preset's depth.
+        n_heads: Override the preset's query heads.
+        n_kv_heads: Override the preset's key/value heads.
+        max_seq_len: Longest sequence the model supports (RoPE table, KV cache, prompt + generation).
+        tokenizer: SentencePiece model (file or directory); linked from ``data.tokenizer`` by the CLI.
+        lr: Peak learning rate.
+        min_lr_ratio: Final LR as a fraction of the peak (cosine floor / end of WSD decay).
+        warmup_steps: Linear warmup, in optimizer steps.
+        schedule: ``cosine``, ``wsd`` (warmup-stable-decay) or ``constant`` after warmup, over ``trainer.max_steps``.
+        decay_fraction: Share of ``max_steps`` spent decaying in the ``wsd`` schedule.
+        weight_decay: AdamW decay on matrices (norm weights and embeddings are not decayed).
+        betas: AdamW betas.
+        document_attention: Confine attention to each packed document (padding is always excluded).
+        init_from: Checkpoint to initialise from by weight-matching load (e.g. SFT from pretraining, diffusion from
+            AR); tensors whose name and shape match are copied, the rest are reported.
+        compile: Wrap the backbone in ``torch.compile``.
+    """
+
+    causal: bool = True
+    paradigm: str = "base"
+    collate_cls = None
+
+    def __init__(self, preset: Literal["tiny", "small", "base"] = "base", d_model: int | None = None,
+                 n_layers: int | None = None, n_heads: int | None = None, n_kv_heads: int | None = None,
+                 max_seq_len: int = 1024, tokenizer: str | None = None, lr: float = 6e-4, min_lr_ratio: float = 0.1,
+                 warmup_steps: int = 100, schedule: Literal["cosine", "wsd", "constant"] = "cosine",
+                 decay_fraction: float = 0.2, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                 document_attention: bool = True, init_from: str | None = None, compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = Tokenizer(tokenizer)
+        overrides = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                                           n_kv_heads=n_kv_heads).items() if v is not None}
+        self.config = ModelConfig.from_preset(preset, vocab_size=self.tokenizer.vocab_size, max_seq_len=max_seq_len,
+                                              causal=self.causal, **overrides)
+        self.model = Transformer(self.config)
+        self.init_report = None
+        if init_from:
+            self.init_report = self.load_weights_from(init_from)
+        self.forward_model = torch.compile(self.model) if compile else self.model
+        self._tok_count, self._tok_time = 0, None
+
+    # ---------------------------------------------------------------- weights
+    def load_weights_from(self, path: str) -> dict[str, list[str]]:
+        """Weight-matching load of the backbone from a nanollada checkpoint; prints and returns the report."""
+        payload = read_checkpoint(path)
+        theirs = payload["nanollada"]
+        if theirs.get("tokenizer_fingerprint") not in (None, self.tokenizer.fingerprint()):
+            raise ValueError(f"{path} was trained with another tokenizer ({theirs['tokenizer_fingerprint']}) than "
+                             f"this model's ({self.tokenizer.fingerprint()}); token ids would not match")
+        report = load_matching_weights(self.model, backbone_state(payload["state_dict"]))
+        print(f"[nanollada] init_from {path} ({theirs.get('paradigm')}): {len(report['matched'])} tensors matched, "
+              f"missing {report['missing']}, unexpected {report['unexpected']}, "
+              f"shape mismatch {report['shape_mismatch']}")
+        return report
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nanollada"] = {
+            "paradigm": self.paradigm, "model_config": self.config.to_dict(),
+            "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+            "data_kind": getattr(getattr(self.trainer, "datamodule", None), "kind", "pretrain"),
+            "tokenizer_model": torch.frombuffer(bytearray(self.tokenizer.model_bytes), dtype=torch.uint8),
+        }
+
+    # ---------------------------------------------------------------- shared pieces
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """On the host, before the batch moves: collapse doc ids when documents may see each other, and record
+        whether any mask is needed at all, so the step itself never syncs with the device to decide."""
+        doc_ids = batch["doc_ids"]
+        if not self.hparams.document_attention:
+            doc_ids = -(doc_ids < 0).long()  # real tokens 0, padding -1
+        batch["doc_ids"] = doc_ids
+        batch["needs_mask"] = not bool((doc_ids == doc_ids[:, :1]).all())
+        return batch
+
+    @staticmethod
+    def attention_mask(batch: dict) -> torch.Tensor | None:
+        """(B, 1, T, T) bool document/padding mask, or None when every row is one document (fast SDPA path)."""
+        return document_attention_mask(batch["doc_ids"], causal=False) if batch.get("needs_mask", True) else None
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr,
+                                betas=tuple(self.hparams.betas), fused=fused)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
+        if total <= 0 and self.hparams.schedule != "constant":
+            raise ValueError("set trainer.max_steps: the LR schedule is defined over optimizer steps")
+        h = self.hparams
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+            s, h.warmup_steps, total, h.schedule, h.min_lr_ratio, h.decay_fraction))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def log_throughput(self, n_tokens: int) -> None:
+        """Log tokens/s over the last ``log_every_n_steps`` batches (host wall time, no device sync per step)."""
+        self._tok_count += n_tokens
+        every = max(1, self.trainer.log_every_n_steps)
+        if self._tok_time is None:
+            self._tok_time, self._tok_count = time.perf_counter(), 0
+        elif self.trainer.global_step % every == 0 and self._tok_count:
+            now = time.perf_counter()
+            self.log("train/tokens_per_s", self._tok_count / (now - self._tok_time), on_step=True, on_epoch=False)
+            self._tok_time, self._tok_count = now, 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
+        self.log_throughput(batch["input_ids"].numel())
+
+    # ---------------------------------------------------------------- validation / test on one scale
+    def eval_sums(self, batch: dict, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL sum in nats, token count) for a batch: exact for AR, an ELBO bound for diffusion."""
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._eval_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        nll, n = self.eval_sums(batch, batch_idx)
+        self._eval_nll += nll.double()
+        self._eval_tokens += n.double()
+
+    def _log_eval(self, prefix: str) -> None:
+        nll = self.trainer.strategy.reduce(self._eval_nll, reduce_op="sum")
+        n = self.trainer.strategy.reduce(self._eval_tokens, reduce_op="sum")
+        per_token = (nll / n.clamp(min=1)).float()
+        self.log_dict({f"{prefix}/loss": per_token, f"{prefix}/nll": per_token, f"{prefix}/ppl": per_token.exp(),
+                       f"{prefix}/tokens": n.float()}, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def setup(self, stage: str) -> None:
+        """Make plain torch checkpoint writes atomic (strategies with their own IO, e.g. FSDP, are left alone)."""
+        io = getattr(self.trainer.strategy, "checkpoint_io", None)
+        if type(io) is TorchCheckpointIO:
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_fit_start(self) -> None:
+        print(f"[nanollada] {type(self).__name__}: {self.model.num_params() / 1e6:.2f}M parameters "
+              f"({self.hparams.preset}, d={self.config.d_model}, layers={self.config.n_layers}, "
+              f"heads={self.config.n_heads}/{self.config.n_kv_heads} kv, vocab={self.config.vocab_size})")
+        data = getattr(self.trainer, "datamodule", None)
+        tok = getattr(data, "tokenizer", None)
+        if tok is not None and tok.fingerprint() != self.tokenizer.fingerprint():
+            raise ValueError(f"data tokenizer {tok.path} differs from the model's {self.tokenizer.path}; "
+                             "set data.tokenizer (linked to model.tokenizer) to one file")
+
+
+def backbone_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Backbone tensors of a LightningModule state dict ("model." prefix removed)."""
+    return {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+
+
+def read_checkpoint(path: str) -> dict:
+    """``torch.load(weights_only=True)`` of a nanollada checkpoint, with clear errors for other files."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # unpickling errors have many types
+        raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or "nanollada" not in payload or "state_dict" not in payload:
+        raise ValueError(f"{path} is not a nanollada checkpoint (no 'nanollada' entry)")
+    return payload
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a checkpoint for inference: backbone in eval mode plus its tokenizer."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    paradigm: str
+    path: str
+    is_chat: bool = False
+
+
+def load_checkpoint(path: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the backbone and tokenizer of a nanollada checkpoint (no Lightning needed)."""
+    payload = read_checkpoint(path)
+    meta = payload["nanollada"]
+    tokenizer = Tokenizer(model_bytes=bytes(meta["tokenizer_model"].numpy().tobytes()))
+    model = Transformer(ModelConfig.from_dict(meta["model_config"]))
+    model.load_state_dict(backbone_state(payload["state_dict"]))
+    return LoadedModel(model.to(device).eval(), tokenizer, meta["paradigm"], str(path),
+                       is_chat=meta.get("data_kind") == "sft")

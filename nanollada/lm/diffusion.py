@@ -1,0 +1,94 @@
+"""``MaskedDiffusionLM``: the LLaDA paradigm. Bidirectional backbone trained to recover randomly masked tokens.
+
+Training (LLaDA eq. 3 / eq. 5, Nie et al. 2025): per row draw a masking time t (a ``MaskRatioSampler``), mask each
+eligible token with probability ``p_mask = (1 - eps) t + eps``, and take
+
+    loss_row = sum_{masked i} CE(x_i | x_t) / p_mask  /  n_eligible_row,     loss = mean over rows.
+
+In pretraining every token is eligible, so this is eq. 3's ``1/(B L)`` normalisation; in SFT only the response and
+its eos padding are eligible, so it is eq. 5's per-answer-length normalisation -- one formula, no flag.
+
+Validation reports a Monte-Carlo estimate of the negative ELBO (an upper bound on the NLL) with fixed seeds and
+stratified t as ``val/nll`` and ``val/ppl``, on the same rows and scale as the AR model's exact values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nanollada.data.collate import DiffusionCollate
+from nanollada.lm.base import LanguageModel
+from nanollada.noise import IIDTime, MaskRatioSampler, apply_random_mask, mask_probability
+
+
+class MaskedDiffusionLM(LanguageModel):
+    """LLaDA-style masked diffusion language model. Batches come from ``DiffusionCollate``.
+
+    Args:
+        mask_ratio: Sampler of the masking time t per row: ``IIDTime`` (LLaDA), ``StratifiedTime`` (MDLM),
+            ``ClippedBand`` (BD3-LM / LLaDA 2.0 SFT) or ``WSDMaskRatio`` (v0.1.0 report). Default ``IIDTime``.
+        random_length_prob: Probability that a batch is cut to a random length in [1, T] (LLaDA uses 0.01 in
+            pretraining so the model also sees short sequences).
+        val_samples: Monte-Carlo samples (stratified t) per validation row for the ELBO.
+        val_seed: Seed of the validation masks: every validation pass scores the same masks.
+        embed_noise_std: Std of Gaussian noise added to the embeddings of masked positions early in training
+            (LLaDA 2.0: an untrained mask embedding after AR initialisation can blow up gradients); 0 = off.
+        embed_noise_steps: Number of optimizer steps during which that noise is added.
+        noise_seed: Seed of the training masks; each step's masks depend only on (noise_seed, step, rank),
+            so a resumed run draws exactly the masks an uninterrupted one would.
+        **kwargs: Backbone, optimizer and schedule arguments of ``LanguageModel``.
+    """
+
+    causal = False
+    paradigm = "diffusion"
+    collate_cls = DiffusionCollate
+
+    def __init__(self, mask_ratio: MaskRatioSampler | None = None, random_length_prob: float = 0.01,
+                 val_samples: int = 4, val_seed: int = 1234, embed_noise_std: float = 0.0,
+                 embed_noise_steps: int = 0, noise_seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= random_length_prob <= 1.0:
+            raise ValueError(f"random_length_prob must be in [0, 1], got {random_length_prob}")
+        if val_samples < 1:
+            raise ValueError(f"val_samples must be >= 1, got {val_samples}")
+        self.mask_ratio = mask_ratio if mask_ratio is not None else IIDTime()
+        self.mask_id = self.tokenizer.mask_id
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        h, step = self.hparams, self.global_step
+        g = self._generator(h.noise_seed * 1_000_003 + step * max(1, self.trainer.world_size) + self.global_rank)
+        host = torch.Generator().manual_seed(h.noise_seed * 7919 + step)  # host-side draws: no device sync
+        ids, eligible, attn_mask = batch["input_ids"], batch["eligible"], self.attention_mask(batch)
+        if h.random_length_prob > 0 and torch.rand(1, generator=host).item() < h.random_length_prob:
+            T = int(torch.randint(1, ids.shape[1] + 1, (1,), generator=host))
+            ids, eligible = ids[:, :T], eligible[:, :T]
+            attn_mask = attn_mask[..., :T, :T] if attn_mask is not None else None
+        t = self.mask_ratio(ids.shape[0], step, g, self.device)
+        p_mask = mask_probability(t)
+        noisy, masked = apply_random_mask(ids, eligible, p_mask, self.mask_id, g)
+        embeds = None
+        if h.embed_noise_std > 0 and step < h.embed_noise_steps:
+            embeds = self.model.embed(noisy)
+            noise = torch.randn(embeds.shape, generator=g, device=self.device, dtype=embeds.dtype)
+            embeds = embeds + h.embed_noise_std * noise * masked[..., None]
+        logits = self.forward_model(noisy, attn_mask=attn_mask, inputs_embeds=embeds)
+        ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
+        per_row = (ce * masked / p_mask[:, None]).sum(1) / eligible.sum(1).clamp(min=1)
+        has_loss = eligible.any(1)
+        loss = (per_row * has_loss).sum() / has_loss.sum().clamp(min=1)
+        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        self.log("train/mask_ratio", masked.sum() / eligible.sum().clamp(min=1), on_step=True)
+        return loss
+
+    def eval_sums(self, batch: dict, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Monte-Carlo negative-ELBO sum in nats, eligible token count); masks fixed by (val_seed, batch_idx)."""
+        from nanollada.evaluation.likelihood import diffusion_elbo  # TODO: top-level once landed
+        g = self._generator(self.hparams.val_seed + batch_idx)
+        nll = diffusion_elbo(self.forward_model, batch["input_ids"], batch["eligible"], self.mask_id,
+                             num_samples=self.hparams.val_samples, generator=g,
+                             attn_mask=self.attention_mask(batch))
+        return nll.sum(), batch["eligible"].sum()
