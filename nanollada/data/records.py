@@ -9,12 +9,13 @@ a record is held out when the SHA-1 of that text, read as a fraction of 2**32 fr
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from nanollada.tokenizer import ROLES, open_text
+from nanollada.tokenizer import ROLES
 
 SHARED_VAL_FRACTION = 2 / 256
 
@@ -66,19 +67,17 @@ def iter_records(path: str, kind: str, skip_bad_lines: bool = False,
     if kind not in ("pretrain", "sft"):
         raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
     stats = stats if stats is not None else ReadStats()
-    with open_text(path) as fh:
-        lineno = 0
-        while True:
-            try:
-                line = fh.readline()
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason})") from None
-            if not line:
-                break
-            lineno += 1
-            if not line.strip():
+    # Lines are read as bytes and decoded one by one: a text-mode reader decodes whole chunks ahead, so a bad byte on
+    # line 3 would surface while reading line 1 and the error would name the wrong line.
+    with open_binary(path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
                 record = json.loads(line)
                 key = _check(record, kind)
             except ValueError as e:  # json.JSONDecodeError is a ValueError
@@ -91,3 +90,9 @@ def iter_records(path: str, kind: str, skip_bad_lines: bool = False,
                 continue
             stats.records += 1
             yield key, record
+
+
+def open_binary(path: str):
+    """Open .jsonl or .jsonl.gz for reading raw bytes (streamed, never read whole)."""
+    path = str(path)
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")

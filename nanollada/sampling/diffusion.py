@@ -214,7 +214,7 @@ def diffusion_generate(
                                cache_pos=pos)[:, s - pos:]
             else:
                 inp = x if attend_future else x[:, :e]
-                mask = None if keys_ok is None else keys_ok[..., : inp.shape[1]]
+                mask = None if keys_ok is None else None
                 logits = model(inp, attn_mask=mask)[:, s:e]
             forwards, forward_tokens = forwards + 1, forward_tokens + inp.numel()
             logits[..., mask_id] = -torch.inf  # never propose the mask token itself
