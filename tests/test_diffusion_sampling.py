@@ -78,7 +78,8 @@ def check_trace(trace, mask_id=MASK, block=BLOCK, eos_fill=False):
 @pytest.mark.parametrize("strategy", strategies(), ids=IDS)
 def test_fills_canvas_in_block_order(model, prompt, strategy):
     out = gen(model, prompt, strategy, temperature=0.7, generator=torch.Generator().manual_seed(0), record_trace=True)
-    assert out.tokens.shape == (2, prompt.shape[1] + GEN) and torch.equal(out.generated, out.tokens[:, prompt.shape[1]:])
+    assert out.tokens.shape == (2, prompt.shape[1] + GEN)
+    assert torch.equal(out.generated, out.tokens[:, prompt.shape[1]:])
     assert torch.equal(out.tokens[:, : prompt.shape[1]], prompt)
     assert not (out.tokens == MASK).any()
     assert len(out.trace) == out.forwards == sum(out.steps_per_block) and len(out.steps_per_block) == GEN // BLOCK
@@ -134,16 +135,17 @@ def test_eos_pads_only_rows_that_ended(prompt):
     assert torch.equal(out.generated[1], targets[1])
 
 
-def test_low_confidence_schedule(model, prompt):
-    out = gen(model, prompt, LowConfidence(3), gen_length=24, record_trace=True)
-    assert out.forwards == 3 * 3 and out.steps_per_block == [3, 3, 3]
+@pytest.mark.parametrize("steps, per_step", [(3, [3, 3, 2]), (4, [2, 2, 2, 2]), (5, [2, 2, 2, 1, 1])])
+def test_low_confidence_schedule(model, prompt, steps, per_step):
+    out = gen(model, prompt, LowConfidence(steps), gen_length=24, record_trace=True)
+    assert out.forwards == steps * 3 and out.steps_per_block == [steps] * 3
     prev = torch.full_like(out.trace[0], MASK)
     counts = []
     for cur in out.trace:
         counts.append(((prev == MASK) & (cur != MASK)).sum(1))
         prev = cur
-    expected = get_num_transfer_tokens(torch.ones(2, BLOCK, dtype=torch.bool), 3).repeat(1, 3)  # [3, 3, 2] per block
-    assert torch.equal(torch.stack(counts, 1), expected) and expected[0, :3].tolist() == [3, 3, 2]
+    expected = get_num_transfer_tokens(torch.ones(2, BLOCK, dtype=torch.bool), steps).repeat(1, 3)
+    assert torch.equal(torch.stack(counts, 1), expected) and expected[0, :steps].tolist() == per_step
     assert gen(model, prompt, LowConfidence(10)).steps_per_block == [BLOCK] * 4  # empty steps are skipped
 
 
@@ -175,9 +177,9 @@ def test_commit_rules():
 def test_budget_and_top_k(model, prompt):
     free = gen(model, prompt, ThresholdTopKBudget(0.99, top_k=4))  # a random model is never confident: 1 per step
     assert free.forwards == GEN
-    for budget in (4, 10, 13):
+    for budget, split in ((4, [1, 1, 1, 1]), (10, [3, 3, 2, 2]), (13, [4, 3, 3, 3])):  # fair share per block
         out = gen(model, prompt, ThresholdTopKBudget(0.99, top_k=4, budget=budget))
-        assert out.forwards == budget and not (out.tokens == MASK).any()
+        assert out.forwards == budget and out.steps_per_block == split and not (out.tokens == MASK).any()
     capped = gen(model, prompt, ThresholdTopKBudget(0.0, top_k=3), record_trace=True)  # all confident: top_k rules
     assert capped.steps_per_block == [math.ceil(BLOCK / 3)] * 4
     with pytest.raises(ValueError, match="budget"):

@@ -27,8 +27,6 @@ class ARLM(LanguageModel):
                               reduction="sum")
         return nll, (batch["targets"] != IGNORE_INDEX).sum()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: dict, batch_idx: int) -> torch.Tensor:
         nll, n = self.eval_sums(batch)
-        loss = nll / n.clamp(min=1)
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
-        return loss
+        return nll / n.clamp(min=1)

@@ -1,7 +1,7 @@
 """What every paradigm's LightningModule shares: the backbone, optimizer, LR schedule, logging and checkpoint payload.
 
-Subclasses (``ARLM``, ``MaskedDiffusionLM``) set ``causal`` and ``collate_cls`` and implement ``training_step`` /
-``validation_step`` with their own loss; nothing here branches on the paradigm.
+Subclasses (``ARLM``, ``MaskedDiffusionLM``) set ``causal`` and ``collate_cls`` and implement ``training_loss`` and
+``eval_sums`` (NLL sum and token count, exact or an ELBO bound); nothing here branches on the paradigm.
 
 Checkpoints carry a ``nanollada`` entry (model config, paradigm, tokenizer bytes) so ``load_checkpoint`` can rebuild
 a model for sampling or evaluation without Lightning, using ``torch.load(weights_only=True)``.
@@ -62,6 +62,10 @@ class LanguageModel(L.LightningModule):
         init_from: Checkpoint to initialise from by weight-matching load (e.g. SFT from pretraining, diffusion from
             AR); tensors whose name and shape match are copied, the rest are reported.
         compile: Wrap the backbone in ``torch.compile``.
+        nonfinite_loss: ``error`` stops the run with a clear message when a loss is NaN/inf (checked every
+            ``log_every_n_steps`` steps, so the step never waits on the device); ``skip`` checks every step (one
+            host sync per step) and skips the optimizer step of a non-finite batch, counting them in
+            ``train/skipped_batches``.
     """
 
     causal: bool = True
@@ -73,7 +77,8 @@ class LanguageModel(L.LightningModule):
                  max_seq_len: int = 1024, tokenizer: str | None = None, lr: float = 6e-4, min_lr_ratio: float = 0.1,
                  warmup_steps: int = 100, schedule: Literal["cosine", "wsd", "constant"] = "cosine",
                  decay_fraction: float = 0.2, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                 document_attention: bool = True, init_from: str | None = None, compile: bool = False):
+                 document_attention: bool = True, init_from: str | None = None, compile: bool = False,
+                 nonfinite_loss: Literal["error", "skip"] = "error"):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = Tokenizer(tokenizer)
@@ -87,6 +92,7 @@ class LanguageModel(L.LightningModule):
             self.init_report = self.load_weights_from(init_from)
         self.forward_model = torch.compile(self.model) if compile else self.model
         self._tok_count, self._tok_time = 0, None
+        self._nonfinite, self._skipped = None, 0
 
     # ---------------------------------------------------------------- weights
     def load_weights_from(self, path: str) -> dict[str, list[str]]:
@@ -153,7 +159,33 @@ class LanguageModel(L.LightningModule):
             self.log("train/tokens_per_s", self._tok_count / (now - self._tok_time), on_step=True, on_epoch=False)
             self._tok_time, self._tok_count = now, 0
 
+    def training_loss(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The paradigm's training loss for one batch (a scalar tensor)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        loss = self.training_loss(batch, batch_idx)
+        bad = ~torch.isfinite(loss.detach())
+        if self.hparams.nonfinite_loss == "skip":
+            if bool(bad):  # host sync, only in skip mode
+                self._skipped += 1
+                self.log("train/skipped_batches", float(self._skipped), on_step=True)
+                return None  # Lightning skips backward and the optimizer step
+        else:
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        return loss
+
+    def _check_finite(self) -> None:
+        if self._nonfinite is not None and bool(self._nonfinite):
+            raise RuntimeError(
+                f"non-finite training loss (NaN/inf) at or before step {self.global_step}: lower model.lr, check "
+                "the data, or set model.nonfinite_loss: skip to skip such batches")
+        self._nonfinite = None
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._check_finite()
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
         self.log_throughput(batch["input_ids"].numel())
 
@@ -161,6 +193,9 @@ class LanguageModel(L.LightningModule):
     def eval_sums(self, batch: dict, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(NLL sum in nats, token count) for a batch: exact for AR, an ELBO bound for diffusion."""
         raise NotImplementedError
+
+    def on_train_end(self) -> None:
+        self._check_finite()
 
     def on_validation_epoch_start(self) -> None:
         self._eval_nll = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -58,7 +58,7 @@ class MaskedDiffusionLM(LanguageModel):
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: dict, batch_idx: int) -> torch.Tensor:
         h, step = self.hparams, self.global_step
         g = self._generator(h.noise_seed * 1_000_003 + step * max(1, self.trainer.world_size) + self.global_rank)
         host = torch.Generator().manual_seed(h.noise_seed * 7919 + step)  # host-side draws: no device sync
@@ -80,7 +80,6 @@ class MaskedDiffusionLM(LanguageModel):
         per_row = (ce * masked / p_mask[:, None]).sum(1) / eligible.sum(1).clamp(min=1)
         has_loss = eligible.any(1)
         loss = (per_row * has_loss).sum() / has_loss.sum().clamp(min=1)
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/mask_ratio", masked.sum() / eligible.sum().clamp(min=1), on_step=True)
         return loss
 

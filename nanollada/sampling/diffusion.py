@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from nanollada.model import KVCache
 
 
-def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def add_gumbel_noise(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Gumbel-max perturbation from LLaDA ``generate.py``: argmax of the result samples softmax(logits / temperature).
 
     exp(l) / (-log u)^T has the argmax of l / T + Gumbel noise; float64 because low-precision Gumbel noise hurts
@@ -66,7 +68,9 @@ class Strategy:
         """Confidence (B, L) of the candidates from their probabilities p_x0 (B, L); LLaDA ``low_confidence``."""
         return p_x0
 
-    def commit(self, confidence: torch.Tensor, n_masked: torch.Tensor, step: int, steps_left: int | None) -> torch.Tensor:
+    def commit(
+        self, confidence: torch.Tensor, n_masked: torch.Tensor, step: int, steps_left: int | None
+    ) -> torch.Tensor:
         """confidence (B, L) float, -inf where not masked; n_masked (B,) long; step: index within the block;
         steps_left: forwards this block may still use, this one included (None = unbounded) -> bool (B, L) commit."""
         raise NotImplementedError
@@ -193,7 +197,8 @@ def diffusion_generate(
     x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], dim=1)
     keys_ok = None  # (B, 1, 1, S): key-padding mask broadcast over heads and queries
     if prompt_mask is not None:
-        keys_ok = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, gen_length, dtype=torch.bool)], 1)[:, None, None]
+        gen_ok = torch.ones(B, gen_length, dtype=torch.bool, device=device)
+        keys_ok = torch.cat([prompt_mask.bool(), gen_ok], 1)[:, None, None]
     cache = None
     if use_prefix_cache:
         cache = KVCache(model.cfg, B, x.shape[1], device=device, dtype=next(model.parameters()).dtype)
@@ -214,7 +219,7 @@ def diffusion_generate(
                                cache_pos=pos)[:, s - pos:]
             else:
                 inp = x if attend_future else x[:, :e]
-                mask = None if keys_ok is None else None
+                mask = None if keys_ok is None else keys_ok[..., : inp.shape[1]]
                 logits = model(inp, attn_mask=mask)[:, s:e]
             forwards, forward_tokens = forwards + 1, forward_tokens + inp.numel()
             logits[..., mask_id] = -torch.inf  # never propose the mask token itself
@@ -252,7 +257,8 @@ def print_trace(trace: list[torch.Tensor], decode: Callable[[list[int]], str] | 
     """Print one row of a trace, one line per step, masks as '░'."""
     sep = "" if decode else " "
     for i, canvas in enumerate(trace):
-        print(f"[{i:3d}] " + sep.join("░" if c is None else c for c in _cells(canvas[row], decode, mask_id)), file=file)
+        cells = _cells(canvas[row], decode, mask_id)
+        print(f"[{i:3d}] " + sep.join("░" if c is None else c for c in cells), file=file)
 
 
 def trace_to_html(trace: list[torch.Tensor], path: str, decode: Callable[[list[int]], str] | None = None, *,

@@ -1,0 +1,1 @@
+"""Evaluation: exact AR likelihoods, masked-diffusion ELBO / conditional likelihood estimates, model comparison."""

@@ -1,0 +1,190 @@
+"""`nanollada fit` end to end: every shipped config parses, tiny AR training lowers the loss, resume is exact,
+checkpoints are weights-only loadable, and a malformed data line stops training with file:line.
+
+The training runs are real ``python -m nanollada fit`` subprocesses (one intra-op thread each, two at a time on a
+2-core box), with every output (logs, checkpoints, token cache) under a temporary directory.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import CONFIGS, DATA, finish, fit_config, start_cli, write_jsonl
+
+ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+FLAGSHIP = CONFIGS / "ar_pretrain.yaml"
+
+# Small and fast: ~1M-parameter tiny preset, 64-token rows, 8 rows a batch. A constant LR after warmup makes the
+# schedule independent of max_steps, so a 20-step run resumed to 30 must match an uninterrupted 30-step run.
+TRAINER = dict(max_steps=30, val_check_interval=15, limit_val_batches=2, log_every_n_steps=1)
+MODEL = dict(warmup_steps=5, schedule="constant")
+DATA_ARGS = dict(seq_len=64, batch_size=8)
+CKPT = dict(every_n_train_steps=10)
+
+
+def scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert tag in ea.Tags()["scalars"], f"{tag} not logged in {log_dir}: {ea.Tags()['scalars']}"
+    return {e.step: e.value for e in ea.Scalars(tag)}
+
+
+def check_ok(result, what):
+    assert result.returncode == 0, f"{what} failed (rc {result.returncode}):\n{result.stderr[-4000:]}"
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def rel(p: Path) -> str:
+    return str(p.relative_to(CONFIGS))
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=[rel(p) for p in ALL_CONFIGS])
+def test_config_parses(config, capsys, monkeypatch):
+    from nanollada.cli import main
+    monkeypatch.chdir(CONFIGS.parent)  # configs name repo-relative data files
+    monkeypatch.setattr("sys.argv", ["nanollada"])  # LightningCLI warns when pytest's argv is also present
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(config), "--print_config"])
+    out = capsys.readouterr().out
+    assert e.value.code in (0, None), out + capsys.readouterr().err
+    printed = yaml.safe_load(out)
+    source = yaml.safe_load(config.read_text())
+    assert printed["model"]["class_path"] == source["model"]["class_path"]
+    assert printed["model"]["init_args"]["preset"] == source["model"]["init_args"]["preset"]
+    assert printed["data"]["train_files"] == source["data"]["train_files"]
+    for f in source["data"]["train_files"]:
+        root = source["data"].get("data_root")
+        assert (CONFIGS.parent / (root or "") / f).is_file() or root, f"{config}: {f} does not exist"
+    assert printed["trainer"]["max_steps"] == source["trainer"]["max_steps"] > 0
+
+
+def test_config_discovery():
+    assert len(ALL_CONFIGS) >= 2 and any(p.parent.name == "tiny" for p in ALL_CONFIGS)
+
+
+@pytest.mark.skipif(not FLAGSHIP.exists(), reason="no flagship config")
+def test_flagship_is_the_base_preset(capsys, monkeypatch):
+    from nanollada.cli import main
+    monkeypatch.chdir(CONFIGS.parent)
+    monkeypatch.setattr("sys.argv", ["nanollada"])
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(FLAGSHIP), "--print_config"])
+    assert e.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["preset"] == "base"
+    assert printed["model"]["class_path"].endswith("ARLM")
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fit")
+
+
+@pytest.fixture(scope="module")
+def full_and_first_part(work):
+    """Run A: 30 steps uninterrupted. Run B: the same config stopped at 20 steps. Both at once."""
+    cache = work / "cache"
+    a = fit_config(work / "A", name="A", trainer=TRAINER, model=MODEL, data=DATA_ARGS, checkpoint=CKPT,
+                   cache_dir=cache)
+    b = fit_config(work / "B", name="B", trainer={**TRAINER, "max_steps": 20}, model=MODEL, data=DATA_ARGS,
+                   checkpoint=CKPT, cache_dir=cache)
+    # Build the shared token cache once, before two processes race for it.
+    from nanollada.data.cache import build_cache
+    from nanollada.tokenizer import Tokenizer
+    build_cache(str(DATA / "pretrain.jsonl"), "pretrain", Tokenizer(), str(cache),
+                yaml.safe_load(a.read_text())["data"]["val_fraction"], log=lambda *_: None)
+    procs = [start_cli(["fit", "--config", a], cwd=work / "A"), start_cli(["fit", "--config", b], cwd=work / "B")]
+    ra, rb = (finish(p, timeout=300) for p in procs)
+    check_ok(ra, "30-step run")
+    check_ok(rb, "20-step run")
+    return {"A": work / "A", "B": work / "B", "cache": cache, "stdout": ra.stdout, "stderr": ra.stderr}
+
+
+@pytest.fixture(scope="module")
+def bad_data_fit(work):
+    """A fit on a file whose third line is broken; started here, awaited by its test (it overlaps the resume)."""
+    d = work / "bad"
+    d.mkdir()
+    good = [{"text": f"a fine line number {i}"} for i in range(40)]
+    data = write_jsonl(d / "broken.jsonl", good[:2] + ['{"text": "no closing quote}'] + good[2:])
+    cfg = fit_config(d, name="bad", trainer=TRAINER, model=MODEL, data=DATA_ARGS, train_files=[data])
+    return data, start_cli(["fit", "--config", cfg], cwd=d)
+
+
+@pytest.fixture(scope="module")
+def resumed(full_and_first_part, bad_data_fit, work):
+    """Run B2: B's checkpoints, continued with --ckpt_path last to 30 steps."""
+    b2 = fit_config(work / "B", name="B2", ckpt_dir=work / "B" / "checkpoints", trainer=TRAINER, model=MODEL,
+                    data=DATA_ARGS, checkpoint=CKPT, cache_dir=full_and_first_part["cache"])
+    r = finish(start_cli(["fit", "--config", b2, "--ckpt_path", "last"], cwd=work / "B"), timeout=300)
+    check_ok(r, "resumed run")
+    return r
+
+
+def test_fit_lowers_the_loss(full_and_first_part):
+    log_dir = full_and_first_part["A"] / "logs" / "A" / "version_0"
+    train = scalars(log_dir, "train/loss")
+    assert sorted(train) == list(range(30))  # log_every_n_steps=1
+    first, last = [train[s] for s in range(5)], [train[s] for s in range(25, 30)]
+    assert all(math.isfinite(v) for v in train.values())
+    assert math.log(8192) - 0.5 < first[0] < math.log(8192) + 0.5  # starts near uniform over the vocabulary
+    assert sum(last) / 5 < sum(first) / 5 - 0.8, train
+    val = scalars(log_dir, "val/loss")
+    assert len(val) == 2, val  # validation at steps 15 and 30
+    (s1, v1), (s2, v2) = sorted(val.items())
+    assert s1 < s2 and v2 < v1 - 0.1, val
+    ppl = scalars(log_dir, "val/ppl")
+    assert ppl[s2] == pytest.approx(math.exp(v2), rel=1e-4)
+    assert (log_dir / "config.yaml").is_file()  # the CLI saved its config next to the logs, not in the repo
+    assert "[nanollada] ARLM: 0.99M parameters (tiny" in full_and_first_part["stdout"]
+
+
+def test_checkpoints_are_weights_only_loadable(full_and_first_part):
+    ckpt_dir = full_and_first_part["A"] / "checkpoints"
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert names == ["last.ckpt", "step10.ckpt", "step20.ckpt", "step30.ckpt"]  # no stray temporary files
+    for name, step in (("step10.ckpt", 10), ("step20.ckpt", 20), ("step30.ckpt", 30), ("last.ckpt", 30)):
+        ck = torch.load(ckpt_dir / name, map_location="cpu", weights_only=True)
+        assert ck["global_step"] == step
+        assert ck["nanollada"]["paradigm"] == "ar" and ck["nanollada"]["model_config"]["d_model"] == 96
+        assert ck["optimizer_states"] and ck["lr_schedulers"]
+    from nanollada.lm.base import load_checkpoint
+    loaded = load_checkpoint(str(ckpt_dir / "last.ckpt"))
+    assert loaded.paradigm == "ar" and loaded.tokenizer.vocab_size == 8192 and not loaded.is_chat
+    ids = torch.tensor([loaded.tokenizer.encode("床前明月光")])
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(ids)).all()
+
+
+def test_resume_continues_exactly(full_and_first_part, resumed):
+    A, B = full_and_first_part["A"], full_and_first_part["B"]
+    assert "Restored all states" in resumed.stderr + resumed.stdout
+    first = torch.load(B / "checkpoints" / "step20.ckpt", weights_only=True)
+    assert first["global_step"] == 20
+    last = torch.load(B / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 30
+    full = torch.load(A / "checkpoints" / "last.ckpt", weights_only=True)
+    # Same data position and optimizer state: the continued losses are the uninterrupted run's.
+    a = scalars(A / "logs" / "A" / "version_0", "train/loss")
+    b2 = scalars(B / "logs" / "B2" / "version_0", "train/loss")
+    assert sorted(b2) == list(range(20, 30))
+    for s in range(20, 30):
+        assert b2[s] == pytest.approx(a[s], rel=1e-5, abs=1e-5), (s, a[s], b2[s])
+    for k, v in full["state_dict"].items():
+        torch.testing.assert_close(last["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # The first 20 steps of B are A's first 20 as well (same seed and data order).
+    b = scalars(B / "logs" / "B" / "version_0", "train/loss")
+    assert [b[s] for s in range(20)] == pytest.approx([a[s] for s in range(20)], rel=1e-5, abs=1e-5)
+
+
+def test_bad_data_line_stops_fit_with_file_and_line(bad_data_fit):
+    data, proc = bad_data_fit
+    r = finish(proc, timeout=300)
+    assert r.returncode != 0
+    assert f"{data}:3" in r.stderr, r.stderr[-3000:]
+    assert not (data.parent / "checkpoints").exists()
