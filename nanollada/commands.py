@@ -52,7 +52,8 @@ def _settings_parser(prog: str, doc: str):
     from nanollada.generate import GenerationSettings
     parser = ArgumentParser(prog=prog, description=doc, default_env=False)
     parser.add_class_arguments(GenerationSettings, nested_key=None, as_group=True)
-    parser.add_argument("--prompt", type=list[str], default=[], help="prompt text (repeat the flag for several)")
+    parser.add_argument("--prompt", action="append", type=str, default=[],
+                        help="prompt text (repeat the flag for several)")
     parser.add_argument("--prompts_file", type=str | None, default=None,
                         help="a .txt file (one prompt per line) or .jsonl file with a 'prompt' field per line")
     parser.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto")
@@ -168,3 +169,79 @@ def compare_command(argv: list[str]) -> None:
 
 
 COMMANDS = {"tokenizer": tokenizer_command, "predict": predict_command, "compare": compare_command}
+
+
+def export_command(argv: list[str]) -> None:
+    """export a checkpoint to model.safetensors + config.json + tokenizer.model (loadable without Lightning)"""
+    parser = argparse.ArgumentParser(prog="nanollada export", description=export_command.__doc__)
+    parser.add_argument("--ckpt", required=True, help="a nanollada checkpoint (.ckpt)")
+    parser.add_argument("--output", required=True, help="directory to write (created if needed)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="cast the weights (default: keep the checkpoint's dtype)")
+    args = parser.parse_args(argv)
+    from nanollada.export import export_checkpoint, load_exported
+    try:
+        out = export_checkpoint(args.ckpt, args.output, args.dtype)
+        loaded = load_exported(out)  # read it back once: a broken export fails here, not at the user's site
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e))
+    print(f"wrote {out}/model.safetensors, config.json, tokenizer.model ({loaded.paradigm}, "
+          f"{sum(p.numel() for p in loaded.model.parameters()) / 1e6:.2f}M parameters, vocab "
+          f"{loaded.tokenizer.vocab_size}); load with nanollada.export.load_exported({str(out)!r})")
+
+
+COMMANDS["export"] = export_command
+
+
+def eval_command(argv: list[str]) -> None:
+    """score checkpoints on perplexity / minimal-pair / multiple-choice / cloze tasks: JSON and a markdown table"""
+    import json
+    import sys
+
+    from nanollada.data.records import DataError
+    from nanollada.evaluation.runner import EvalSettings, format_markdown, run_eval
+    from nanollada.evaluation.tasks import DEFAULT_DATA_ROOT, resolve_task
+    parser = argparse.ArgumentParser(
+        prog="nanollada eval", description=eval_command.__doc__,
+        epilog="tasks: blimp, climp, chid, cmmlu (<data_root>/eval/<name>.jsonl.gz); ppl-<source>, e.g. "
+               "ppl-en-gutenberg, ppl-zh-modern (validation records of <data_root>/pretrain/<source>.jsonl.gz); "
+               "ppl:<pretrain file>; or a path to any jsonl(.gz) task file, whose family is detected from the first "
+               'record: {"text"} perplexity, {"good","bad"} minimal pairs, {"query"|"context","choices","gold"} '
+               'multiple choice, {"context","continuation"} cloze.')
+    parser.add_argument("--ckpt", action="extend", nargs="+", required=True,
+                        help="checkpoint(s); repeat or list several for a side-by-side table")
+    parser.add_argument("--tasks", action="extend", nargs="+", required=True, help="task names or files")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most N items per task (first N; round-robin over phenomena/subjects)")
+    parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward")
+    parser.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the diffusion estimators")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the diffusion estimators")
+    parser.add_argument("--data_root", default=None,
+                        help=f"data directory (default: $NANOLLADA_DATA, else {DEFAULT_DATA_ROOT})")
+    parser.add_argument("--output", default=None, help="JSON file for the full results")
+    parser.add_argument("--markdown", default=None, help="markdown file for the table (+ per-phenomenon tables)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    args = parser.parse_args(argv)
+    try:
+        settings = EvalSettings(batch_size=args.batch_size, samples=args.samples, seed=args.seed)
+        tasks = []
+        for spec in args.tasks:
+            tasks.append(resolve_task(spec, args.data_root, args.limit))
+            print(f"[eval] task {tasks[-1].name}: {tasks[-1].family}, {len(tasks[-1].items)} items "
+                  f"from {tasks[-1].path}", file=sys.stderr)
+    except (DataError, ValueError) as e:
+        raise SystemExit(f"nanollada eval: {e}")
+    result = run_eval(args.ckpt, tasks, settings, _device(args.device), _load, log=lambda m: print(m, file=sys.stderr))
+    table = format_markdown(result)
+    print(format_markdown(result, groups=False))
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as fh:
+            fh.write(table)
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, ensure_ascii=False, indent=1)
+        print(f"wrote {args.output}", file=sys.stderr)
+
+
+COMMANDS["eval"] = eval_command

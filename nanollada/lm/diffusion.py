@@ -18,8 +18,22 @@ import torch
 import torch.nn.functional as F
 
 from nanollada.data.collate import DiffusionCollate
+from nanollada.evaluation.likelihood import diffusion_elbo
 from nanollada.lm.base import LanguageModel
 from nanollada.noise import IIDTime, MaskRatioSampler, apply_random_mask, mask_probability
+
+
+def masked_diffusion_loss(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, eligible: torch.Tensor,
+                          p_mask: torch.Tensor) -> torch.Tensor:
+    """LLaDA eq. 3 / eq. 5 loss: logits (B, T, V), clean ids (B, T), masked/eligible bool (B, T), p_mask (B,).
+
+    Per row: sum over masked positions of CE / p_mask, divided by the row's eligible count; then the mean over rows
+    that have eligible tokens. Computed densely (no boolean indexing), so it never syncs with the device.
+    """
+    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
+    per_row = (ce * masked / p_mask[:, None]).sum(1) / eligible.sum(1).clamp(min=1)
+    has_loss = eligible.any(1)
+    return (per_row * has_loss).sum() / has_loss.sum().clamp(min=1)
 
 
 class MaskedDiffusionLM(LanguageModel):
@@ -76,16 +90,12 @@ class MaskedDiffusionLM(LanguageModel):
             noise = torch.randn(embeds.shape, generator=g, device=self.device, dtype=embeds.dtype)
             embeds = embeds + h.embed_noise_std * noise * masked[..., None]
         logits = self.forward_model(noisy, attn_mask=attn_mask, inputs_embeds=embeds)
-        ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
-        per_row = (ce * masked / p_mask[:, None]).sum(1) / eligible.sum(1).clamp(min=1)
-        has_loss = eligible.any(1)
-        loss = (per_row * has_loss).sum() / has_loss.sum().clamp(min=1)
+        loss = masked_diffusion_loss(logits, ids, masked, eligible, p_mask)
         self.log("train/mask_ratio", masked.sum() / eligible.sum().clamp(min=1), on_step=True)
         return loss
 
     def eval_sums(self, batch: dict, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(Monte-Carlo negative-ELBO sum in nats, eligible token count); masks fixed by (val_seed, batch_idx)."""
-        from nanollada.evaluation.likelihood import diffusion_elbo  # TODO: top-level once landed
         g = self._generator(self.hparams.val_seed + batch_idx)
         nll = diffusion_elbo(self.forward_model, batch["input_ids"], batch["eligible"], self.mask_id,
                              num_samples=self.hparams.val_samples, generator=g,

@@ -1,0 +1,149 @@
+"""Masked diffusion training pieces: mask-ratio samplers, masking, the LLaDA loss, the ELBO, AR -> diffusion init."""
+
+import math
+
+import pytest
+import torch
+
+from nanollada.data.collate import DiffusionCollate
+from nanollada.lm.diffusion import MaskedDiffusionLM, masked_diffusion_loss
+from nanollada.noise import (EPS, ClippedBand, IIDTime, StratifiedTime, WSDMaskRatio, apply_random_mask,
+                             mask_probability)
+
+MASK = 4
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_iid_time_is_uniform():
+    t = IIDTime()(20000, generator=gen())
+    assert t.shape == (20000,) and 0 <= t.min() and t.max() <= 1
+    assert abs(t.mean() - 0.5) < 0.01 and abs(t.var() - 1 / 12) < 0.005
+
+
+def test_stratified_time_has_one_draw_per_stratum():
+    t = StratifiedTime()(8, generator=gen(3))
+    strata = (t * 8).floor().long().sort().values
+    assert strata.tolist() == list(range(8))
+    assert not torch.equal(t, t.sort().values)  # rows are shuffled, not ordered by stratum
+
+
+def test_clipped_band_stays_in_band_and_rejects_bad_bounds():
+    t = ClippedBand(0.3, 0.8)(5000, generator=gen())
+    assert t.min() >= 0.3 and t.max() <= 0.8 and abs(t.mean() - 0.55) < 0.01
+    with pytest.raises(ValueError):
+        ClippedBand(0.8, 0.3)
+
+
+def test_wsd_mask_ratio_follows_its_schedule():
+    s = WSDMaskRatio(warmup_steps=10, stable_steps=10, decay_steps=10, start=0.1, peak=0.5, end=0.3, spread=0.05)
+    assert s.centre(0) == pytest.approx(0.1) and s.centre(5) == pytest.approx(0.3)
+    assert s.centre(15) == pytest.approx(0.5) and s.centre(25) == pytest.approx(0.4) and s.centre(100) == 0.3
+    t = s(4000, step=15, generator=gen())
+    assert t.min() >= 0.45 and t.max() <= 0.55
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_masking_rate_follows_t(p):
+    ids = torch.randint(10, 100, (4, 5000), generator=gen())
+    eligible = torch.ones_like(ids, dtype=torch.bool)
+    noisy, masked = apply_random_mask(ids, eligible, mask_probability(torch.full((4,), p)), MASK, gen(1))
+    rate = masked.float().mean(1)
+    assert torch.allclose(rate, torch.full((4,), (1 - EPS) * p + EPS), atol=0.02)
+    assert torch.equal(noisy == MASK, masked) and torch.equal(noisy[~masked], ids[~masked])
+
+
+def test_ineligible_tokens_are_never_masked_and_every_row_gets_one():
+    ids = torch.randint(10, 100, (64, 20), generator=gen())
+    eligible = torch.zeros_like(ids, dtype=torch.bool)
+    eligible[:, 12:] = True  # an SFT row: prompt 0..11, response 12..19
+    _, masked = apply_random_mask(ids, eligible, torch.full((64,), 1e-6), MASK, gen(2))
+    assert not masked[:, :12].any()
+    assert (masked.sum(1) == 1).all()  # p ~ 0 still masks exactly one eligible token per row
+
+
+def test_sft_collate_then_masking_never_touches_the_prompt(shipped_tokenizer):
+    tok = shipped_tokenizer
+    ids, mask = tok.render_chat([{"role": "user", "content": "What is two plus two?"},
+                                 {"role": "assistant", "content": "Four."}])
+    short, smask = tok.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    items = [{"tokens": torch.tensor(i), "loss_mask": torch.tensor(m)} for i, m in ((ids, mask), (short, smask))]
+    batch = DiffusionCollate("sft", tok.pad_id, tok.eos_id)(items)
+    prompt = ~batch["eligible"]
+    for _ in range(20):
+        _, masked = apply_random_mask(batch["input_ids"], batch["eligible"], torch.ones(2), MASK)
+        assert not (masked & prompt).any()
+        assert masked[batch["eligible"]].all()  # p_mask = 1 masks every response and padding token
+    # the shorter row is padded with eos, and that padding is eligible (LLaDA: the model learns to stop)
+    assert (batch["input_ids"][1, len(short):] == tok.eos_id).all() and batch["eligible"][1, len(short):].all()
+
+
+def test_loss_is_finite_with_one_masked_token_and_with_all_masked():
+    V, B, T = 50, 2, 12
+    logits = torch.randn(B, T, V, generator=gen())
+    ids = torch.randint(0, V, (B, T), generator=gen(1))
+    eligible = torch.ones(B, T, dtype=torch.bool)
+    one = torch.zeros(B, T, dtype=torch.bool)
+    one[:, 3] = True
+    p_small = mask_probability(torch.zeros(B))  # p = eps: weight 1/eps = 1000
+    loss_one = masked_diffusion_loss(logits, ids, one, eligible, p_small)
+    loss_all = masked_diffusion_loss(logits, ids, eligible, eligible, torch.ones(B))
+    assert torch.isfinite(loss_one) and torch.isfinite(loss_all)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(B, T)
+    assert loss_all == pytest.approx(ce.mean().item(), rel=1e-5)  # all masked at p=1: plain mean CE
+    assert loss_one == pytest.approx((ce[:, 3] / p_small[0] / T).mean().item(), rel=1e-5)
+
+
+def test_sft_loss_is_normalised_by_answer_length():
+    V = 30
+    logits = torch.zeros(2, 10, V)  # every CE is ln V
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    eligible = torch.zeros(2, 10, dtype=torch.bool)
+    eligible[0, 6:] = True  # answer of 4
+    eligible[1, 2:] = True  # answer of 8
+    loss = masked_diffusion_loss(logits, ids, eligible, eligible, torch.ones(2))
+    assert loss == pytest.approx(math.log(V), rel=1e-5)  # each row: (n * lnV) / n
+
+
+def zero_logit_model():
+    lm = MaskedDiffusionLM(preset="tiny", max_seq_len=64)
+    with torch.no_grad():
+        lm.model.embed.weight.zero_()  # tied head: every logit is 0
+    return lm
+
+
+def test_validation_elbo_of_zero_logits_is_ln_v_per_token():
+    lm = zero_logit_model()
+    V = lm.config.vocab_size
+    ids = torch.randint(10, V, (8, 32), generator=gen())
+    batch = {"input_ids": ids, "eligible": torch.ones_like(ids, dtype=torch.bool),
+             "doc_ids": torch.zeros_like(ids), "needs_mask": False}
+    totals = [lm.eval_sums(batch, batch_idx=i) for i in range(20)]
+    per_token = sum(t[0] for t in totals) / sum(t[1] for t in totals)
+    assert per_token.item() == pytest.approx(math.log(V), rel=0.05)
+    again = lm.eval_sums(batch, batch_idx=0)[0]
+    assert again == totals[0][0]  # fixed validation seeds: the same masks every pass
+
+
+def test_diffusion_model_is_bidirectional_and_ar_init_matches_every_tensor(tmp_path):
+    from nanollada.lm.ar import ARLM
+    ar = ARLM(preset="tiny", max_seq_len=64)
+    assert ar.model.cfg.causal and not MaskedDiffusionLM(preset="tiny", max_seq_len=64).model.cfg.causal
+    path = tmp_path / "ar.ckpt"
+    ckpt = {"state_dict": ar.state_dict(), "nanollada": {"paradigm": "ar", "tokenizer_fingerprint":
+                                                         ar.tokenizer.fingerprint()}}
+    torch.save(ckpt, path)
+    dm = MaskedDiffusionLM(preset="tiny", max_seq_len=64, init_from=str(path))
+    report = dm.init_report
+    assert set(report["matched"]) == set(ar.model.state_dict()) and not report["missing"]
+    assert torch.equal(dm.model.embed.weight, ar.model.embed.weight)
+    # a different shape is reported, not silently copied
+    dm2 = MaskedDiffusionLM(preset="tiny", max_seq_len=64, d_model=64, init_from=str(path))
+    assert dm2.init_report["shape_mismatch"] and "embed.weight" not in dm2.init_report["matched"]
+    # another tokenizer is refused
+    ckpt["nanollada"]["tokenizer_fingerprint"] = "0123456789abcdef"
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="tokenizer"):
+        MaskedDiffusionLM(preset="tiny", max_seq_len=64, init_from=str(path))

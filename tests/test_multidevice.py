@@ -1,0 +1,95 @@
+"""Data-parallel training is the single-process run with the doubled batch.
+
+Two CPU processes (``strategy: ddp``, ``accelerator: cpu``, ``devices: 2``: Lightning's subprocess launcher re-runs
+``python -m nanollada fit ...`` once per extra rank and DDP all-reduces gradients over the gloo backend) with b rows
+each train the tiny AR model for a few steps; one process with 2b rows trains the same config. The results must match.
+
+Why they are the same computation:
+
+- Data. ``LMDataModule`` builds its own ``MixtureSampler(start, rank, world_size)`` (the CLI sets
+  ``use_distributed_sampler: false``): rank r reads global stream positions p = r, r + 2, r + 4, ... and batches b
+  consecutive ones of its sub-stream, so at step s rank r holds positions {2(bs + j) + r : j < b} and the union over
+  both ranks is [2bs, 2b(s + 1)): exactly the rows of the single process's step-s batch (in another order).
+- Gradients. Packed pretraining rows all have seq_len targets, so each rank's loss (a per-batch mean) weighs every
+  token equally; DDP averages the two ranks' gradients, which is the gradient of the mean over the doubled batch.
+  Clipping, AdamW and the LR schedule then act on identical gradients. Only float summation order differs.
+- Initialisation. ``seed_everything: 0`` runs before the model is built in every process (and DDP broadcasts rank
+  0's weights anyway).
+
+``ddp`` rather than ``ddp_spawn``: it works from the CLI on CPU without pickling the LightningCLI objects, and it is
+the strategy ``configs/multi_gpu/ar_pretrain_ddp.yaml`` uses.
+"""
+
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import CONFIGS, DATA, finish, fit_config, start_cli
+
+STEPS, B, SEQ = 4, 4, 32
+TRAINER = dict(max_steps=STEPS, val_check_interval=1000, limit_val_batches=0, log_every_n_steps=1,
+               accelerator="cpu")
+MODEL = dict(warmup_steps=2, lr=3e-3)
+CKPT = dict(every_n_train_steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ddp")
+    cache = work / "cache"
+    single = fit_config(work / "single", name="single", trainer={**TRAINER, "devices": 1}, model=MODEL,
+                        data=dict(seq_len=SEQ, batch_size=2 * B), checkpoint=CKPT, cache_dir=cache)
+    ddp = fit_config(work / "ddp", name="ddp", trainer={**TRAINER, "devices": 2, "strategy": "ddp"}, model=MODEL,
+                     data=dict(seq_len=SEQ, batch_size=B), checkpoint=CKPT, cache_dir=cache)
+    from nanollada.data.cache import build_cache
+    from nanollada.tokenizer import Tokenizer
+    build_cache(str(DATA / "pretrain.jsonl"), "pretrain", Tokenizer(), str(cache),
+                yaml.safe_load(single.read_text())["data"]["val_fraction"], log=lambda *_: None)
+    t0 = time.perf_counter()
+    procs = {"single": start_cli(["fit", "--config", single], cwd=work / "single"),
+             "ddp": start_cli(["fit", "--config", ddp], cwd=work / "ddp")}
+    results = {k: finish(p, timeout=180) for k, p in procs.items()}
+    for k, r in results.items():
+        assert r.returncode == 0, f"{k} run failed (rc {r.returncode}):\n{r.stderr[-4000:]}"
+    return {"single": work / "single", "ddp": work / "ddp", "results": results, "seconds": time.perf_counter() - t0}
+
+
+def test_ddp_uses_two_gloo_processes(runs):
+    out = runs["results"]["ddp"].stdout + runs["results"]["ddp"].stderr
+    assert "distributed_backend=gloo" in out, out[-3000:]
+    assert "All distributed processes registered. Starting with 2 processes" in out, out[-3000:]
+
+
+def test_ddp_matches_single_process_with_doubled_batch(runs):
+    one = torch.load(runs["single"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    two = torch.load(runs["ddp"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert one["global_step"] == two["global_step"] == STEPS
+    for name, w1 in one["state_dict"].items():
+        w2 = two["state_dict"][name]
+        torch.testing.assert_close(w2, w1, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    # Adam's moments integrate the gradients of every step: equal moments mean equal gradients at every step.
+    s1, s2 = one["optimizer_states"][0]["state"], two["optimizer_states"][0]["state"]
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        torch.testing.assert_close(s2[k]["exp_avg"], s1[k]["exp_avg"], rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close(s2[k]["exp_avg_sq"], s1[k]["exp_avg_sq"], rtol=1e-3, atol=1e-12)
+
+
+def test_step_count_and_data_position(runs):
+    """The DDP run consumed 2 x b rows per step; a resume would skip global_step x b x world_size positions."""
+    two = torch.load(runs["ddp"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert two["global_step"] == STEPS
+    from nanollada.data.datamodule import MixtureSampler
+    sizes = [1000]
+    ranks = [MixtureSampler(sizes, [1.0], seed=0, rank=r, world_size=2) for r in range(2)]
+    full = MixtureSampler(sizes, [1.0], seed=0)
+    streams = [iter(s) for s in ranks]
+    one = iter(full)
+    for _ in range(3):  # per step: b rows from each rank == the next 2b rows of the single stream, as sets
+        got = [next(streams[r]) for r in range(2) for _ in range(B)]
+        want = [next(one) for _ in range(2 * B)]
+        assert sorted(got) == sorted(want)
+    resumed = MixtureSampler(sizes, [1.0], seed=0, start=3 * B * 2, rank=1, world_size=2)
+    assert next(iter(resumed)) == next(streams[1])
