@@ -119,7 +119,7 @@ def test_validation_elbo_of_zero_logits_is_ln_v_per_token():
     V = lm.config.vocab_size
     ids = torch.randint(10, V, (8, 32), generator=gen())
     batch = {"input_ids": ids, "eligible": torch.ones_like(ids, dtype=torch.bool),
-             "doc_ids": torch.zeros_like(ids), "needs_mask": False}
+             "doc_ids": torch.zeros_like(ids), "needs_doc_mask": False, "needs_pad_mask": False}
     totals = [lm.eval_sums(batch, batch_idx=i) for i in range(20)]
     per_token = sum(t[0] for t in totals) / sum(t[1] for t in totals)
     assert per_token.item() == pytest.approx(math.log(V), rel=0.05)

@@ -16,8 +16,11 @@ Why they are the same computation:
 - Initialisation. ``seed_everything: 0`` runs before the model is built in every process (and DDP broadcasts rank
   0's weights anyway).
 
-``ddp`` rather than ``ddp_spawn``: it works from the CLI on CPU without pickling the LightningCLI objects, and it is
-the strategy ``configs/multi_gpu/ar_pretrain_ddp.yaml`` uses.
+The DDP run is the shipped ``configs/multi_gpu/ar_pretrain_ddp.yaml`` (``DDPStrategy``), shrunk to the tiny preset in
+fp32 on CPU; the single-process run is the same file with ``devices: 1, strategy: auto``. ``ddp`` rather than
+``ddp_spawn``: it works from the CLI on CPU without pickling the LightningCLI objects, and it is what the GPU
+config uses. The tolerance (1e-4 absolute on weights after 4 AdamW steps; measured ~2e-5) is ~100x below the gap to a
+run that sees only one rank's rows (~1e-2).
 """
 
 import time
@@ -28,10 +31,13 @@ import yaml
 
 from conftest import CONFIGS, DATA, finish, fit_config, start_cli
 
+DDP_CONFIG = CONFIGS / "multi_gpu" / "ar_pretrain_ddp.yaml"
 STEPS, B, SEQ = 4, 4, 32
+# The shipped DDP config, shrunk: tiny preset, fp32 on CPU (gloo), no accumulation, no validation, no workers.
 TRAINER = dict(max_steps=STEPS, val_check_interval=1000, limit_val_batches=0, log_every_n_steps=1,
-               accelerator="cpu")
-MODEL = dict(warmup_steps=2, lr=3e-3)
+               accelerator="cpu", precision="32-true", accumulate_grad_batches=1, enable_progress_bar=False)
+MODEL = dict(preset="tiny", warmup_steps=2, lr=3e-3)
+DATA_ARGS = dict(seq_len=SEQ, num_workers=0)
 CKPT = dict(every_n_train_steps=STEPS)
 
 
@@ -39,10 +45,12 @@ CKPT = dict(every_n_train_steps=STEPS)
 def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("ddp")
     cache = work / "cache"
-    single = fit_config(work / "single", name="single", trainer={**TRAINER, "devices": 1}, model=MODEL,
-                        data=dict(seq_len=SEQ, batch_size=2 * B), checkpoint=CKPT, cache_dir=cache)
-    ddp = fit_config(work / "ddp", name="ddp", trainer={**TRAINER, "devices": 2, "strategy": "ddp"}, model=MODEL,
-                     data=dict(seq_len=SEQ, batch_size=B), checkpoint=CKPT, cache_dir=cache)
+    single = fit_config(work / "single", name="single", base=DDP_CONFIG, trainer={**TRAINER, "devices": 1,
+                        "strategy": "auto"}, model=MODEL, data={**DATA_ARGS, "batch_size": 2 * B}, checkpoint=CKPT,
+                        cache_dir=cache)
+    ddp = fit_config(work / "ddp", name="ddp", base=DDP_CONFIG, trainer={**TRAINER, "devices": 2}, model=MODEL,
+                     data={**DATA_ARGS, "batch_size": B}, checkpoint=CKPT, cache_dir=cache)
+    assert yaml.safe_load(ddp.read_text())["trainer"]["strategy"]["class_path"].endswith("DDPStrategy")
     from nanollada.data.cache import build_cache
     from nanollada.tokenizer import Tokenizer
     build_cache(str(DATA / "pretrain.jsonl"), "pretrain", Tokenizer(), str(cache),
@@ -68,7 +76,7 @@ def test_ddp_matches_single_process_with_doubled_batch(runs):
     assert one["global_step"] == two["global_step"] == STEPS
     for name, w1 in one["state_dict"].items():
         w2 = two["state_dict"][name]
-        torch.testing.assert_close(w2, w1, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
     # Adam's moments integrate the gradients of every step: equal moments mean equal gradients at every step.
     s1, s2 = one["optimizer_states"][0]["state"], two["optimizer_states"][0]["state"]
     assert s1.keys() == s2.keys()

@@ -5,7 +5,8 @@ Dataset items (see datamodule.py):
 - sft: ``{"tokens": (n,) long, "loss_mask": (n,) bool}``, one rendered conversation (n <= L).
 
 Both paradigms see the same rows: AR trains on ``tokens[:-1] -> tokens[1:]``, diffusion denoises ``tokens[:L]``.
-Padding carries document id -1, so attention never reaches it (see ``model.document_attention_mask``).
+Padding carries document id -1, so attention never reaches it (see ``model.document_attention_mask``); the flags
+``needs_doc_mask`` / ``needs_pad_mask`` tell the model on the host whether a mask is needed at all.
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+
+
+def with_mask_flags(batch: dict[str, torch.Tensor]) -> dict:
+    """Add host-side flags: does any row hold several documents or padding? (Then attention needs a mask.)"""
+    doc_ids = batch["doc_ids"]
+    batch["needs_pad_mask"] = bool((doc_ids < 0).any())
+    batch["needs_doc_mask"] = bool((doc_ids != doc_ids[:, :1]).any())
+    return batch
 
 
 def _pad(seqs: list[torch.Tensor], length: int, value) -> torch.Tensor:
@@ -37,13 +46,14 @@ class ARCollate:
         if self.kind == "pretrain":
             tokens = torch.stack([it["tokens"] for it in items])
             docs = torch.stack([it["doc_ids"] for it in items])
-            return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:].clone(), "doc_ids": docs[:, :-1]}
+            return with_mask_flags({"input_ids": tokens[:, :-1], "targets": tokens[:, 1:].clone(),
+                                    "doc_ids": docs[:, :-1]})
         T = max(len(it["tokens"]) for it in items) - 1
         tokens = _pad([it["tokens"] for it in items], T + 1, self.pad_id)
         mask = _pad([it["loss_mask"] for it in items], T + 1, False)
         real = _pad([torch.ones(len(it["tokens"]), dtype=torch.long) for it in items], T + 1, 0)
         targets = tokens[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
-        return {"input_ids": tokens[:, :-1], "targets": targets, "doc_ids": real[:, :-1] - 1}
+        return with_mask_flags({"input_ids": tokens[:, :-1], "targets": targets, "doc_ids": real[:, :-1] - 1})
 
 
 class DiffusionCollate:
@@ -63,10 +73,11 @@ class DiffusionCollate:
         if self.kind == "pretrain":
             tokens = torch.stack([it["tokens"][:-1] for it in items])
             docs = torch.stack([it["doc_ids"][:-1] for it in items])
-            return {"input_ids": tokens, "eligible": torch.ones_like(tokens, dtype=torch.bool), "doc_ids": docs}
+            return with_mask_flags({"input_ids": tokens, "eligible": torch.ones_like(tokens, dtype=torch.bool),
+                                    "doc_ids": docs})
         T = max(len(it["tokens"]) for it in items) + 1
         if self.max_len is not None:
             T = min(T, self.max_len)
         tokens = _pad([it["tokens"] for it in items], T, self.eos_id)
         mask = _pad([it["loss_mask"] for it in items], T, True)  # eos padding is part of the answer
-        return {"input_ids": tokens, "eligible": mask, "doc_ids": torch.zeros_like(tokens)}
+        return with_mask_flags({"input_ids": tokens, "eligible": mask, "doc_ids": torch.zeros_like(tokens)})

@@ -211,7 +211,15 @@ def load_task_file(path: str, name: str | None = None, limit: int | None = None)
     gkey = GROUP_FIELD.get(family)
     if limit is not None and len(items) > limit:
         items = _round_robin(items, gkey, limit) if gkey and gkey in items[0] else items[:limit]
-    return Task(name or Path(path).name, family, str(path), items, total)
+    return Task(name or name_from_path(path), family, str(path), items, total)
+
+
+def name_from_path(path: str | Path) -> str:
+    """``dir/my-task.jsonl.gz`` -> ``my-task``."""
+    name = Path(path).name
+    for ext in (".gz", ".jsonl", ".json"):
+        name = name[: -len(ext)] if name.endswith(ext) else name
+    return name
 
 
 def load_perplexity_split(path: str, name: str, limit: int | None = None) -> Task:
@@ -237,7 +245,7 @@ def resolve_task(spec: str, root: str | Path | None = None, limit: int | None = 
     root = data_root(str(root) if root else None)
     if spec.startswith("ppl:"):
         path = spec[len("ppl:"):]
-        return load_perplexity_split(path, "ppl:" + Path(path).name.split(".")[0], limit)
+        return load_perplexity_split(path, "ppl:" + name_from_path(path), limit)
     if spec.startswith("ppl-"):
         path = root / "pretrain" / f"{spec[len('ppl-'):]}.jsonl.gz"
         if path.is_file():
@@ -247,10 +255,9 @@ def resolve_task(spec: str, root: str | Path | None = None, limit: int | None = 
         if path.is_file():
             return load_task_file(str(path), spec, limit)
     if Path(spec).is_file():
-        name = Path(spec).name
-        for ext in (".gz", ".jsonl"):
-            name = name[: -len(ext)] if name.endswith(ext) else name
-        return load_task_file(spec, name, limit)
+        return load_task_file(spec, None, limit)
+    if "/" in spec or spec.endswith((".jsonl", ".gz", ".json")):
+        raise DataError(f"task file not found: {spec}")
     known = known_tasks(root)
     raise DataError(f"unknown task {spec!r}: not a file and not a task under the data root {root} "
                     f"(--data_root or NANOLLADA_DATA); known tasks: {', '.join(known) or 'none found'}; "

@@ -64,8 +64,8 @@ class LanguageModel(L.LightningModule):
         compile: Wrap the backbone in ``torch.compile``.
         nonfinite_loss: ``error`` stops the run with a clear message when a loss is NaN/inf (checked every
             ``log_every_n_steps`` steps, so the step never waits on the device); ``skip`` checks every step (one
-            host sync per step) and skips the optimizer step of a non-finite batch, counting them in
-            ``train/skipped_batches``.
+            host sync per step) and skips a non-finite batch (no backward, no weight update; Lightning still counts
+            the step), counting them in ``train/skipped_batches``.
     """
 
     causal: bool = True
@@ -117,20 +117,18 @@ class LanguageModel(L.LightningModule):
         }
 
     # ---------------------------------------------------------------- shared pieces
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """On the host, before the batch moves: collapse doc ids when documents may see each other, and record
-        whether any mask is needed at all, so the step itself never syncs with the device to decide."""
-        doc_ids = batch["doc_ids"]
-        if not self.hparams.document_attention:
-            doc_ids = -(doc_ids < 0).long()  # real tokens 0, padding -1
-        batch["doc_ids"] = doc_ids
-        batch["needs_mask"] = not bool((doc_ids == doc_ids[:, :1]).all())
-        return batch
+    def attention_mask(self, batch: dict) -> torch.Tensor | None:
+        """(B, 1, T, T) bool document/padding mask, or None when no row needs one (the fast SDPA path).
 
-    @staticmethod
-    def attention_mask(batch: dict) -> torch.Tensor | None:
-        """(B, 1, T, T) bool document/padding mask, or None when every row is one document (fast SDPA path)."""
-        return document_attention_mask(batch["doc_ids"], causal=False) if batch.get("needs_mask", True) else None
+        The collate function decides on the host whether any row holds several documents or padding
+        (``needs_doc_mask`` / ``needs_pad_mask``), so the step never waits on the device to decide.
+        """
+        doc_ids = batch["doc_ids"]
+        if self.hparams.document_attention:
+            return document_attention_mask(doc_ids, causal=False) if batch.get("needs_doc_mask", True) else None
+        if not batch.get("needs_pad_mask", True):
+            return None
+        return document_attention_mask(-(doc_ids < 0).long(), causal=False)  # real tokens 0, padding -1
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -1,0 +1,261 @@
+"""`nanollada eval`: task files and family detection, known-answer scoring with crafted models, clear errors, and the
+CLI end to end on tiny AR and diffusion checkpoints (one side-by-side table)."""
+
+import gzip
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import CONFIGS, finish, fit_config, start_cli, write_jsonl
+from nanollada.data.records import SHARED_VAL_FRACTION, DataError, is_validation
+from nanollada.evaluation.runner import EvalSettings, checkpoint_labels, evaluate_task, fit_length, format_markdown
+from nanollada.evaluation.tasks import Task, detect_family, load_task_file, resolve_task
+from nanollada.lm.base import LoadedModel
+from nanollada.model import ModelConfig, Transformer
+
+STEPS = dict(max_steps=3, val_check_interval=3, limit_val_batches=1, log_every_n_steps=1)
+
+
+def crafted(tok, preferred: list[int] | None, causal: bool) -> LoadedModel:
+    """A model whose logits do not depend on the input: every block adds zero, the tied embedding rows are all ones
+    except ``preferred`` (five times larger), so every position gives the preferred tokens a 64-nat higher logit.
+    ``preferred=None``: all-zero embeddings, i.e. uniform logits."""
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64,
+                      causal=causal)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.wo.weight.zero_()
+            b.ffn.w_down.weight.zero_()
+        if preferred is None:
+            model.embed.weight.zero_()
+        else:
+            model.embed.weight.fill_(1.0)
+            model.embed.weight[preferred] = 5.0
+    return LoadedModel(model.eval(), tok, "ar" if causal else "diffusion", "crafted")
+
+
+SETTINGS = EvalSettings(batch_size=3, samples=8, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ known answers
+@pytest.mark.parametrize("causal", [True, False])
+def test_minimal_pairs_accuracy_per_phenomenon_on_a_known_answer(shipped_tokenizer, causal):
+    tok = shipped_tokenizer
+    liked, other = "the dog ran", "a cat sat"
+    assert not set(tok.encode(liked)) & set(tok.encode(other))
+    loaded = crafted(tok, tok.encode(liked), causal)
+    items = ([{"phenomenon": "right", "good": liked, "bad": other}] * 3
+             + [{"phenomenon": "wrong", "good": other, "bad": liked}] * 2)
+    r = evaluate_task(loaded, Task("mp", "minimal_pairs", "x", items), SETTINGS)
+    assert r["accuracy"] == pytest.approx(3 / 5) and r["chance"] == 0.5
+    assert r["groups"] == {"right": {"accuracy": 1.0, "items": 3}, "wrong": {"accuracy": 0.0, "items": 2}}
+    assert r["items"] == 5 and r["items_per_s"] > 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_multiple_choice_picks_the_likely_choice_query_and_blank_styles(shipped_tokenizer, causal):
+    tok = shipped_tokenizer
+    loaded = crafted(tok, tok.encode("the dog ran"), causal)
+    items = [
+        {"query": "谁跑了？", "choices": ["a cat sat", "the dog ran", "a cat"], "gold": 1, "subject": "q"},
+        {"context": "Story: #idiom# ran", "choices": ["a cat", "the dog"], "gold": 1, "subject": "blank"},
+        {"context": "Story: #idiom# ran", "choices": ["the dog", "a cat", "a cat sat", "cat"], "gold": 0},
+        {"context": "Once upon a time", "choices": [" a cat", " the dog ran"], "gold": 1},  # continuation style
+    ]
+    task = Task("mc", "multiple_choice", "x", items)
+    r = evaluate_task(loaded, task, SETTINGS)
+    assert r["accuracy"] == 1.0 and r["accuracy_norm"] == 1.0
+    assert r["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4 + 1 / 2) / 4) == task.chance
+    assert set(r["groups"]) == {"q", "blank"}
+    # the same file with the likely choice marked wrong scores zero
+    wrong = [dict(it, gold=(it["gold"] + 1) % len(it["choices"])) for it in items]
+    assert evaluate_task(loaded, Task("mc", "multiple_choice", "x", wrong), SETTINGS)["accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cloze_exact_match_of_the_greedy_continuation(shipped_tokenizer, causal):
+    tok = shipped_tokenizer
+    the = tok.encode(" the")
+    assert tok.encode(" the the the") == the * 3
+    loaded = crafted(tok, the, causal)
+    items = [{"context": "once upon a time", "continuation": " the the the"},
+             {"context": "once", "continuation": " dog dog"}]
+    r = evaluate_task(loaded, Task("cl", "cloze", "x", items), SETTINGS)
+    assert r["exact_match"] == 0.5 and r["tokens"] == 5
+    assert r["examples"][1]["generated"] == " the the"
+    assert math.isfinite(r["logprob_per_token"]) and r["logprob_per_token"] < 0
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(shipped_tokenizer):
+    tok = shipped_tokenizer
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    n = len(tok.encode(text)) + 1  # text + eos, scored after bos
+    task = Task("p", "perplexity", "x", [{"text": text}, {"text": "hello"}])
+    r = evaluate_task(crafted(tok, None, True), task, SETTINGS)
+    assert r["tokens"] == n + len(tok.encode("hello")) + 1 and r["estimate"] == "exact"
+    assert r["nats_per_token"] == pytest.approx(math.log(tok.vocab_size), rel=1e-5)
+    assert r["ppl"] == pytest.approx(tok.vocab_size, rel=1e-4)
+    d = evaluate_task(crafted(tok, None, False), task, SETTINGS)  # ELBO: unbiased, noisy
+    assert d["tokens"] == r["tokens"] and 0.5 < d["nats_per_token"] / math.log(tok.vocab_size) < 1.5
+    long = Task("p", "perplexity", "x", [{"text": text * 10}])  # longer than max_seq_len=64: truncated
+    r = evaluate_task(crafted(tok, None, True), long, SETTINGS)
+    assert r["truncated"] == 1 and r["tokens"] == 63
+
+
+def test_fit_length_keeps_bos_and_the_start_of_the_target():
+    assert fit_length([2, 10, 11], [5, 6], 8) == ([2, 10, 11], [5, 6], False)
+    assert fit_length([2, 10, 11, 12], [5, 6], 4) == ([2, 12], [5, 6], True)
+    assert fit_length([2, 10], [5, 6, 7, 8, 9], 4) == ([2], [5, 6, 7], True)
+
+
+# ------------------------------------------------------------------------------------------------ task files
+def test_family_detection():
+    assert detect_family({"text": "x"}) == "perplexity"
+    assert detect_family({"good": "a", "bad": "b", "phenomenon": "p"}) == "minimal_pairs"
+    assert detect_family({"query": "q", "choices": ["a", "b"], "gold": 0}) == "multiple_choice"
+    assert detect_family({"context": "c #idiom#", "choices": ["a", "b"], "gold": 0}) == "multiple_choice"
+    assert detect_family({"context": "c", "continuation": "d"}) == "cloze"
+    assert detect_family({"question": "q"}) is None and detect_family([1]) is None
+
+
+def test_limit_is_round_robin_over_phenomena_and_first_n_otherwise(tmp_path):
+    recs = [{"phenomenon": p, "good": f"{p}{i}", "bad": "x"} for p, n in (("A", 3), ("B", 3), ("C", 1))
+            for i in range(n)]
+    f = write_jsonl(tmp_path / "mp.jsonl.gz", recs)
+    t = load_task_file(str(f), limit=4)
+    assert t.family == "minimal_pairs" and t.name == "mp" and t.total == 7
+    assert [it["good"] for it in t.items] == ["A0", "B0", "C0", "A1"]
+    assert [it["good"] for it in load_task_file(str(f), limit=4).items] == ["A0", "B0", "C0", "A1"]  # deterministic
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"query": f"q{i}", "choices": ["a", "b"], "gold": 1} for i in range(9)])
+    assert [it["query"] for it in load_task_file(str(mc), limit=2).items] == ["q0", "q1"]
+    assert len(load_task_file(str(mc)).items) == 9
+
+
+def test_names_resolve_under_the_data_root(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    (root / "eval").mkdir(parents=True)
+    (root / "pretrain").mkdir()
+    write_jsonl(root / "eval" / "blimp.jsonl.gz", [{"phenomenon": "p", "good": "a b", "bad": "b a"}])
+    texts = [f"record number {i}" for i in range(1500)]
+    held = [t for t in texts if is_validation(t, SHARED_VAL_FRACTION)]
+    assert 3 <= len(held) < 40
+    write_jsonl(root / "pretrain" / "en-src.jsonl.gz", [{"text": t, "source": "s"} for t in texts])
+    assert resolve_task("blimp", root).family == "minimal_pairs"
+    t = resolve_task("ppl-en-src", root)
+    assert t.family == "perplexity" and [it["text"] for it in t.items] == held
+    assert len(resolve_task("ppl-en-src", root, limit=2).items) == 2
+    assert [it["text"] for it in resolve_task(f"ppl:{root / 'pretrain' / 'en-src.jsonl.gz'}").items] == held
+    plain = write_jsonl(tmp_path / "held.jsonl", [{"text": "a"}, {"text": "b"}])  # a file path: every record
+    assert len(resolve_task(str(plain), root).items) == 2
+    monkeypatch.setenv("NANOLLADA_DATA", str(root))
+    assert resolve_task("blimp").path == str(root / "eval" / "blimp.jsonl.gz")
+    with pytest.raises(DataError, match=r"unknown task 'blimpp'.*known tasks: blimp, ppl-en-src"):
+        resolve_task("blimpp")
+
+
+@pytest.mark.parametrize("lines, lineno, message", [
+    ([{"good": "a", "bad": "b"}, {"good": "a", "bad": "b"}, "{not json"], 3, "not valid JSON"),
+    ([{"query": "q", "choices": ["a", "b"], "gold": 0}, {"query": "q", "choices": ["a", "b"], "gold": 2}], 2,
+     '"gold" must be an index'),
+    ([{"query": "q", "choices": ["a", "b"], "gold": 0}, {"query": "q", "choices": "ab", "gold": 0}], 2, '"choices"'),
+    ([{"good": "a", "bad": "b"}, {"text": "t"}], 2, "family perplexity in a minimal_pairs file"),
+    ([{"question": "q", "answer": "a"}], 1, "cannot tell the task family"),
+    ([{"good": "a", "bad": "b"}, b"\xff\xfe bad bytes"], 2, "not valid UTF-8"),
+    ([{"context": "c", "continuation": "  "}], 1, '"continuation" must be a non-empty string'),
+    (["[1, 2]"], 1, "not a JSON object"),
+])
+def test_malformed_task_files_name_file_and_line(tmp_path, lines, lineno, message):
+    f = write_jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(DataError) as e:
+        load_task_file(str(f))
+    assert str(e.value).startswith(f"{f}:{lineno}: ") and message in str(e.value)
+
+
+def test_empty_missing_and_bad_pretrain_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="no records"):
+        load_task_file(str(empty))
+    with pytest.raises(DataError, match="not found"):
+        resolve_task(str(tmp_path / "nope.jsonl"), tmp_path)
+    bad = write_jsonl(tmp_path / "p.jsonl", [{"text": "a"}, {"txt": "b"}])
+    with pytest.raises(DataError, match=f"{bad}:2: "):
+        resolve_task(f"ppl:{bad}")
+
+
+def test_markdown_table_is_side_by_side_with_chance():
+    assert checkpoint_labels(["a/x/last.ckpt", "b/x/last.ckpt"]) == ["a/x/last.ckpt", "b/x/last.ckpt"]
+    assert checkpoint_labels(["a/x/last.ckpt", "b/step1.ckpt"]) == ["last.ckpt", "step1.ckpt"]
+    res = {"settings": {"samples": 4, "seed": 0},
+           "tasks": [{"name": "mp", "family": "minimal_pairs", "items": 2, "chance": 0.5}],
+           "checkpoints": [{"label": "A", "paradigm": "ar", "vocab_size": 9},
+                           {"label": "D", "paradigm": "diffusion", "vocab_size": 9}],
+           "results": {"A": {"mp": {"accuracy": 1.0, "items_per_s": 3.0, "groups": {"p": {"accuracy": 1.0, "items": 1},
+                                                                                    "q": {"accuracy": 1.0, "items": 1}}}},
+                       "D": {"mp": {"accuracy": 0.5, "items_per_s": 2.0, "groups": {"p": {"accuracy": 0.0, "items": 1},
+                                                                                    "q": {"accuracy": 1.0, "items": 1}}}}}}
+    md = format_markdown(res)
+    assert "| task | metric | A (ar) | D (diffusion) | chance |" in md
+    assert "| mp (2) | accuracy | 100.0% | 50.0% | 50.0% |" in md and "| | items/s | 3.0 | 2.0 |" in md.replace("|  |", "| |")
+    assert "| p | 1 | 100.0% | 0.0% |" in md
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny AR and diffusion pretrain checkpoints trained for 3 steps, side by side."""
+    work = tmp_path_factory.mktemp("eval_ckpts")
+    ar_cfg = fit_config(work / "ar", "ar", trainer=STEPS, data=dict(seq_len=64, batch_size=4))
+    dm_cfg = fit_config(work / "dm", "dm", base=CONFIGS / "tiny" / "diffusion_pretrain.yaml", trainer=STEPS,
+                        data=dict(seq_len=64, batch_size=4))
+    procs = [start_cli(["fit", "--config", c], work) for c in (ar_cfg, dm_cfg)]
+    for p in procs:
+        r = finish(p, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return work / "ar" / "checkpoints" / "last.ckpt", work / "dm" / "checkpoints" / "last.ckpt"
+
+
+def test_cli_end_to_end_two_checkpoints_one_table(checkpoints, tmp_path):
+    ar, dm = checkpoints
+    root = tmp_path / "data"
+    (root / "eval").mkdir(parents=True)
+    (root / "pretrain").mkdir()
+    write_jsonl(root / "eval" / "blimp.jsonl.gz", [{"task": "blimp", "phenomenon": p, "good": "The cat sleeps.",
+                                                    "bad": "The cat sleep."} for p in ("agr", "agr", "isl")])
+    texts = [f"record number {i}" for i in range(400)]
+    write_jsonl(root / "pretrain" / "en-src.jsonl.gz", [{"text": t} for t in texts])
+    mc = write_jsonl(tmp_path / "mc.jsonl", [
+        {"context": "他做事总是#idiom#。", "choices": ["一丝不苟", "马马虎虎", "画蛇添足"], "gold": 0},
+        {"subject": "s", "query": "1+1=?", "choices": ["2", "3", "4", "5"], "gold": 0}])
+    cl = write_jsonl(tmp_path / "cl.jsonl", [{"context": "Once upon a", "continuation": " time"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"good": "a", "bad": "b"}, {"good": "a"}])
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    common = ["--data_root", root, "--samples", "2", "--batch_size", "4"]
+    procs = [start_cli(["eval", "--ckpt", ar, "--ckpt", dm, "--tasks", "ppl-en-src", "blimp", mc, cl,
+                        "--limit", "2", "--output", out, "--markdown", md, *common], tmp_path),
+             start_cli(["eval", "--ckpt", ar, "--tasks", "blimp", bad, *common], tmp_path),
+             start_cli(["eval", "--ckpt", ar, "--tasks", "nonesuch", *common], tmp_path)]
+    ok, malformed, unknown = (finish(p, timeout=180) for p in procs)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert [c["paradigm"] for c in result["checkpoints"]] == ["ar", "diffusion"]
+    labels = [c["label"] for c in result["checkpoints"]]
+    assert labels == ["ar/checkpoints/last.ckpt", "dm/checkpoints/last.ckpt"]
+    assert [t["family"] for t in result["tasks"]] == ["perplexity", "minimal_pairs", "multiple_choice", "cloze"]
+    for label in labels:
+        r = result["results"][label]
+        assert r["ppl-en-src"]["tokens"] > 0 and math.isfinite(r["ppl-en-src"]["nats_per_token"])
+        assert r["blimp"]["items"] == 2 and set(r["blimp"]["groups"]) == {"agr", "isl"}
+        assert 0 <= r["mc"]["accuracy"] <= 1 and r["mc"]["chance"] == pytest.approx((1 / 3 + 1 / 4) / 2)
+        assert 0 <= r["cl"]["exact_match"] <= 1
+        assert all(v["items_per_s"] > 0 for v in r.values())
+    table = md.read_text(encoding="utf-8")
+    assert f"| task | metric | {labels[0]} (ar) | {labels[1]} (diffusion) | chance |" in table
+    assert "| blimp (2) | accuracy |" in table and "items/s" in table and "50.0%" in table
+    assert f"{labels[0]} (ar)" in ok.stdout
+    assert malformed.returncode != 0 and f"{bad}:2: " in malformed.stderr and "Traceback" not in malformed.stderr
+    assert unknown.returncode != 0 and "known tasks: blimp, ppl-en-src" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
