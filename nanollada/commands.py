@@ -29,19 +29,21 @@ def tokenizer_command(argv: list[str]) -> None:
         print(f"wrote {path} (vocab {tok.vocab_size}; pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id}, "
               f"mask {tok.mask_id}, im_start {tok.im_start_id}, im_end {tok.im_end_id})")
         return
-    from nanollada.data.records import SHARED_VAL_FRACTION, is_validation, iter_records
+    from nanollada.data.records import SHARED_VAL_FRACTION, DataError, detect_kind, is_validation, iter_records
     tok = Tokenizer(args.tokenizer)
     print(f"| file | records | characters | tokens | chars/token |\n|---|---|---|---|---|")
     for f in args.input:
         n_rec = n_chars = n_tok = 0
-        kind = "sft" if "sft" in f or "alpaca" in f or "sharegpt" in f else "pretrain"
-        for key, rec in iter_records(f, kind):
-            if args.validation_only and not is_validation(key, SHARED_VAL_FRACTION):
-                continue
-            texts = [rec["text"]] if kind == "pretrain" else [m["content"] for m in rec["conversations"]]
-            n_rec += 1
-            n_chars += sum(len(t) for t in texts)
-            n_tok += sum(len(ids) for ids in tok.encode_batch(texts))
+        try:
+            for key, rec in iter_records(f, detect_kind(f)):
+                if args.validation_only and not is_validation(key, SHARED_VAL_FRACTION):
+                    continue
+                texts = [rec["text"]] if "text" in rec else [m["content"] for m in rec["conversations"]]
+                n_rec += 1
+                n_chars += sum(len(t) for t in texts)
+                n_tok += sum(len(ids) for ids in tok.encode_batch(texts))
+        except (DataError, FileNotFoundError) as e:
+            raise SystemExit(str(e))
         print(f"| {f} | {n_rec} | {n_chars} | {n_tok} | {n_chars / max(n_tok, 1):.3f} |")
 
 

@@ -231,14 +231,10 @@ def test_cli_end_to_end_two_checkpoints_one_table(checkpoints, tmp_path):
         {"context": "他做事总是#idiom#。", "choices": ["一丝不苟", "马马虎虎", "画蛇添足"], "gold": 0},
         {"subject": "s", "query": "1+1=?", "choices": ["2", "3", "4", "5"], "gold": 0}])
     cl = write_jsonl(tmp_path / "cl.jsonl", [{"context": "Once upon a", "continuation": " time"}])
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"good": "a", "bad": "b"}, {"good": "a"}])
     out, md = tmp_path / "r.json", tmp_path / "r.md"
-    common = ["--data_root", root, "--samples", "2", "--batch_size", "4"]
-    procs = [start_cli(["eval", "--ckpt", ar, "--ckpt", dm, "--tasks", "ppl-en-src", "blimp", mc, cl,
-                        "--limit", "2", "--output", out, "--markdown", md, *common], tmp_path),
-             start_cli(["eval", "--ckpt", ar, "--tasks", "blimp", bad, *common], tmp_path),
-             start_cli(["eval", "--ckpt", ar, "--tasks", "nonesuch", *common], tmp_path)]
-    ok, malformed, unknown = (finish(p, timeout=180) for p in procs)
+    ok = finish(start_cli(["eval", "--ckpt", ar, "--ckpt", dm, "--tasks", "ppl-en-src", "blimp", mc, cl,
+                           "--limit", "2", "--samples", "2", "--batch_size", "4", "--data_root", root,
+                           "--output", out, "--markdown", md], tmp_path), timeout=180)
     assert ok.returncode == 0, ok.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
     assert [c["paradigm"] for c in result["checkpoints"]] == ["ar", "diffusion"]
@@ -255,7 +251,26 @@ def test_cli_end_to_end_two_checkpoints_one_table(checkpoints, tmp_path):
     table = md.read_text(encoding="utf-8")
     assert f"| task | metric | {labels[0]} (ar) | {labels[1]} (diffusion) | chance |" in table
     assert "| blimp (2) | accuracy |" in table and "items/s" in table and "50.0%" in table
-    assert f"{labels[0]} (ar)" in ok.stdout
-    assert malformed.returncode != 0 and f"{bad}:2: " in malformed.stderr and "Traceback" not in malformed.stderr
-    assert unknown.returncode != 0 and "known tasks: blimp, ppl-en-src" in unknown.stderr
-    assert "Traceback" not in unknown.stderr
+    assert "### blimp: accuracy per phenomenon" in table
+    assert f"{labels[0]} (ar)" in ok.stdout and "Traceback" not in ok.stderr
+
+
+def test_cli_errors_are_one_line_messages(tmp_path, capsys):
+    """Malformed files and unknown names end the command with a SystemExit message (Python prints no traceback);
+    tasks are resolved before any checkpoint is loaded."""
+    from nanollada.cli import main
+    root = tmp_path / "data"
+    (root / "eval").mkdir(parents=True)
+    write_jsonl(root / "eval" / "blimp.jsonl.gz", [{"phenomenon": "p", "good": "a b", "bad": "b a"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"good": "a", "bad": "b"}, {"good": "a"}])
+    for tasks, message in ((["blimp", str(bad)], f"{bad}:2: "), (["nonesuch"], "known tasks: blimp"),
+                           ([str(tmp_path / "missing.jsonl")], "task file not found")):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--ckpt", "unused.ckpt", "--data_root", str(root), "--tasks", *tasks])
+        assert isinstance(e.value.code, str) and message in e.value.code
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--ckpt", str(tmp_path / "nope.ckpt"), "--data_root", str(root), "--tasks", "blimp"])
+    assert "not found" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--ckpt", "x.ckpt", "--tasks", "blimp", "--samples", "0", "--data_root", str(root)])
+    assert "samples must be >= 1" in str(e.value.code)

@@ -57,6 +57,23 @@ def _check(record, kind: str) -> str:
     return conv[0]["content"]
 
 
+def detect_kind(path: str) -> str:
+    """``pretrain`` or ``sft`` from the first non-blank record of a file (``text`` vs ``conversations``)."""
+    with open_binary(path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: {e}") from None
+                if isinstance(record, dict) and "text" in record:
+                    return "pretrain"
+                if isinstance(record, dict) and "conversations" in record:
+                    return "sft"
+                raise DataError(f"{path}:{lineno}: neither a pretrain {{'text'}} nor an SFT {{'conversations'}} record")
+    raise DataError(f"{path}: no records")
+
+
 def iter_records(path: str, kind: str, skip_bad_lines: bool = False,
                  stats: ReadStats | None = None) -> Iterator[tuple[str, dict]]:
     """Yield (split_key_text, record) for every valid line of ``path``.
