@@ -1,9 +1,21 @@
-"""nanollada: small autoregressive and masked-diffusion (LLaDA-style) language models on one shared backbone."""
+"""nanollada: small autoregressive and masked-diffusion (LLaDA-style) language models on one shared backbone.
 
-from nanollada.data import LMDataModule
-from nanollada.lm import ARLM, MaskedDiffusionLM, load_checkpoint
-from nanollada.model import ModelConfig, Transformer
-from nanollada.tokenizer import Tokenizer
+Public names are imported lazily (PEP 562), so ``import nanollada.model`` or ``nanollada.export`` does not pull in
+Lightning.
+"""
 
-__all__ = ["ARLM", "LMDataModule", "MaskedDiffusionLM", "ModelConfig", "Tokenizer", "Transformer", "load_checkpoint"]
+import importlib
+
 __version__ = "0.2.0"
+_EXPORTS = {
+    "ARLM": "nanollada.lm", "MaskedDiffusionLM": "nanollada.lm", "load_checkpoint": "nanollada.lm",
+    "LMDataModule": "nanollada.data", "ModelConfig": "nanollada.model", "Transformer": "nanollada.model",
+    "Tokenizer": "nanollada.tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'nanollada' has no attribute {name!r}")

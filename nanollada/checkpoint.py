@@ -29,6 +29,8 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -90,7 +90,9 @@ class LanguageModel(L.LightningModule):
         self.init_report = None
         if init_from:
             self.init_report = self.load_weights_from(init_from)
-        self.forward_model = torch.compile(self.model) if compile else self.model
+        # Not registered as a submodule (object.__setattr__): the checkpoint holds each weight once, under
+        # "model.", whether or not the run was compiled.
+        object.__setattr__(self, "forward_model", torch.compile(self.model) if compile else self.model)
         self._tok_count, self._tok_time = 0, None
         self._nonfinite, self._skipped = None, 0
 
@@ -147,7 +149,9 @@ class LanguageModel(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def log_throughput(self, n_tokens: int) -> None:
-        """Log tokens/s over the last ``log_every_n_steps`` batches (host wall time, no device sync per step)."""
+        """Log tokens/s over the last ``log_every_n_steps`` batches (host wall time, no device sync per step).
+
+        ``train/loss`` is rank 0's batch loss under DDP (no per-step all-reduce); throughput counts every rank."""
         self._tok_count += n_tokens
         every = max(1, self.trainer.log_every_n_steps)
         if self._tok_time is None:
@@ -185,7 +189,7 @@ class LanguageModel(L.LightningModule):
         if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self._check_finite()
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
-        self.log_throughput(batch["input_ids"].numel())
+        self.log_throughput(batch["input_ids"].numel() * self.trainer.world_size)  # all ranks' tokens
 
     # ---------------------------------------------------------------- validation / test on one scale
     def eval_sums(self, batch: dict, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

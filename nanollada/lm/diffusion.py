@@ -74,8 +74,12 @@ class MaskedDiffusionLM(LanguageModel):
 
     def training_loss(self, batch: dict, batch_idx: int) -> torch.Tensor:
         h, step = self.hparams, self.global_step
-        g = self._generator(h.noise_seed * 1_000_003 + step * max(1, self.trainer.world_size) + self.global_rank)
-        host = torch.Generator().manual_seed(h.noise_seed * 7919 + step)  # host-side draws: no device sync
+        # One seed per (step, micro-batch, rank): gradient-accumulation micro-batches draw different masks, and a
+        # resumed run (which restarts at an optimizer-step boundary) draws exactly the masks of an uninterrupted one.
+        accum, world = self.trainer.accumulate_grad_batches, max(1, self.trainer.world_size)
+        micro = batch_idx % accum
+        g = self._generator(((h.noise_seed * 1_000_003 + step) * accum + micro) * world + self.global_rank)
+        host = torch.Generator().manual_seed((h.noise_seed * 7919 + step) * accum + micro)  # host draws: no sync
         ids, eligible, attn_mask = batch["input_ids"], batch["eligible"], self.attention_mask(batch)
         if h.random_length_prob > 0 and torch.rand(1, generator=host).item() < h.random_length_prob:
             T = int(torch.randint(1, ids.shape[1] + 1, (1,), generator=host))
