@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import warnings
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from nanollada.data.datamodule import LMDataModule
 from nanollada.lm.base import LanguageModel
@@ -26,9 +26,11 @@ class NanoLLaDACLI(LightningCLI):
         parser.link_arguments("data.tokenizer", "model.init_args.tokenizer")
 
 
-def lightning_main(args: list[str] | None) -> None:
+def lightning_main(command: str, args: list[str] | None) -> None:
+    """Run LightningCLI; only ``fit`` saves its resolved config (beside its logs), validate/test write nothing."""
     NanoLLaDACLI(
         LanguageModel, LMDataModule, subclass_mode_model=True, args=args,
+        save_config_callback=SaveConfigCallback if command == "fit" else None,
         trainer_defaults={"use_distributed_sampler": False},
         save_config_kwargs={"overwrite": True},
     )
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
-        lightning_main(None if from_shell else [command] + rest)
+        lightning_main(command, None if from_shell else [command] + rest)
         return
     commands = extra_commands()
     if command not in commands:

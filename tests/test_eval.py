@@ -1,7 +1,6 @@
 """`nanollada eval`: task files and family detection, known-answer scoring with crafted models, clear errors, and the
 CLI end to end on tiny AR and diffusion checkpoints (one side-by-side table)."""
 
-import gzip
 import json
 import math
 
@@ -82,9 +81,11 @@ def test_cloze_exact_match_of_the_greedy_continuation(shipped_tokenizer, causal)
     assert tok.encode(" the the the") == the * 3
     loaded = crafted(tok, the, causal)
     items = [{"context": "once upon a time", "continuation": " the the the"},
-             {"context": "once", "continuation": " dog dog"}]
-    r = evaluate_task(loaded, Task("cl", "cloze", "x", items), SETTINGS)
-    assert r["exact_match"] == 0.5 and r["tokens"] == 5
+             {"context": "once", "continuation": " dog dog"},
+             {"context": "once " * 70, "continuation": " the the the the"},  # context cut to fit max_seq_len=64
+             {"context": "once", "continuation": " the" * 30}]  # with the item above: too long for one batch
+    r = evaluate_task(loaded, Task("cl", "cloze", "x", items), EvalSettings(batch_size=4, samples=2))
+    assert r["exact_match"] == 0.75 and r["tokens"] == 39 and r["truncated"] == 1
     assert r["examples"][1]["generated"] == " the the"
     assert math.isfinite(r["logprob_per_token"]) and r["logprob_per_token"] < 0
 
@@ -189,17 +190,18 @@ def test_empty_missing_and_bad_pretrain_files(tmp_path):
 def test_markdown_table_is_side_by_side_with_chance():
     assert checkpoint_labels(["a/x/last.ckpt", "b/x/last.ckpt"]) == ["a/x/last.ckpt", "b/x/last.ckpt"]
     assert checkpoint_labels(["a/x/last.ckpt", "b/step1.ckpt"]) == ["last.ckpt", "step1.ckpt"]
+    groups = {"A": {"p": 1.0, "q": 1.0}, "D": {"p": 0.0, "q": 1.0}}
     res = {"settings": {"samples": 4, "seed": 0},
            "tasks": [{"name": "mp", "family": "minimal_pairs", "items": 2, "chance": 0.5}],
            "checkpoints": [{"label": "A", "paradigm": "ar", "vocab_size": 9},
                            {"label": "D", "paradigm": "diffusion", "vocab_size": 9}],
-           "results": {"A": {"mp": {"accuracy": 1.0, "items_per_s": 3.0, "groups": {"p": {"accuracy": 1.0, "items": 1},
-                                                                                    "q": {"accuracy": 1.0, "items": 1}}}},
-                       "D": {"mp": {"accuracy": 0.5, "items_per_s": 2.0, "groups": {"p": {"accuracy": 0.0, "items": 1},
-                                                                                    "q": {"accuracy": 1.0, "items": 1}}}}}}
+           "results": {k: {"mp": {"accuracy": acc, "items_per_s": ips,
+                                  "groups": {g: {"accuracy": a, "items": 1} for g, a in groups[k].items()}}}
+                       for k, acc, ips in (("A", 1.0, 3.0), ("D", 0.5, 2.0))}}
     md = format_markdown(res)
     assert "| task | metric | A (ar) | D (diffusion) | chance |" in md
-    assert "| mp (2) | accuracy | 100.0% | 50.0% | 50.0% |" in md and "| | items/s | 3.0 | 2.0 |" in md.replace("|  |", "| |")
+    assert "| mp (2) | accuracy | 100.0% | 50.0% | 50.0% |" in md
+    assert "|  | items/s | 3.0 | 2.0 |  |" in md
     assert "| p | 1 | 100.0% | 0.0% |" in md
 
 

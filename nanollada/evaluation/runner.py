@@ -185,7 +185,8 @@ def choice_pairs(tok, item: dict) -> list[tuple[list[int], list[int]]]:
     return [(ctx, tok.encode(c)) for c in item["choices"]]
 
 
-def _conditional(loaded, ctxs: list[list[int]], tgts: list[list[int]], s: EvalSettings) -> tuple[list[float], list[int]]:
+def _conditional(loaded, ctxs: list[list[int]], tgts: list[list[int]],
+                 s: EvalSettings) -> tuple[list[float], list[int]]:
     """log p(target | context) and target token counts, exact (AR) or LLaDA's estimate (diffusion)."""
     tok, model = loaded.tokenizer, loaded.model
     if loaded.paradigm == "ar":
@@ -240,11 +241,13 @@ def _greedy(loaded, prompts: list[list[int]], lengths: list[int], s: EvalSetting
         order = sorted(range(len(prompts)), key=lambda i: (lengths[i], len(prompts[i])))
         for start in range(0, len(order), s.batch_size):
             idx = order[start: start + s.batch_size]
-            n = max(lengths[i] for i in idx)
-            res = ar_generate(model, [prompts[i] for i in idx], max_new_tokens=n, temperature=0.0, eos_id=None,
-                              pad_id=tok.pad_id, use_kv_cache=True)
-            for i, g in zip(idx, res.generated):
-                out[i] = g[: lengths[i]]
+            # every row fits max_seq_len alone; a left-padded batch may not (longest prompt + longest continuation)
+            fits = max(len(prompts[i]) for i in idx) + max(lengths[i] for i in idx) - 1 <= model.cfg.max_seq_len
+            for part in [idx] if fits else [[i] for i in idx]:
+                res = ar_generate(model, [prompts[i] for i in part], max_new_tokens=max(lengths[i] for i in part),
+                                  temperature=0.0, eos_id=None, pad_id=tok.pad_id, use_kv_cache=True)
+                for i, g in zip(part, res.generated):
+                    out[i] = g[: lengths[i]]
         return out
     from nanollada.sampling.diffusion import LowConfidence, diffusion_generate
     by_len: dict[int, list[int]] = {}
@@ -302,7 +305,7 @@ def evaluate_task(loaded, task: Task, settings: EvalSettings) -> dict:
 
 # ------------------------------------------------------------------------------------------------ many checkpoints
 def checkpoint_labels(paths: list[str]) -> list[str]:
-    """Shortest trailing path parts that tell the checkpoints apart (``run_a/checkpoints/last.ckpt`` -> ``run_a/...``)."""
+    """The shortest trailing path parts that tell the checkpoints apart (``a/x/last.ckpt``, ``b/x/last.ckpt``)."""
     parts = [Path(p).parts for p in paths]
     for k in range(1, max(len(p) for p in parts) + 1):
         labels = ["/".join(p[-k:]) for p in parts]

@@ -3,17 +3,11 @@
 Every task is a JSON Lines file (``.jsonl`` or ``.jsonl.gz``, one object per line); its *family* is detected from the
 fields of the first record, so any dataset of the same shape works without code:
 
-=================  ======================================================  =============================================
-family             fields                                                  metric
-=================  ======================================================  =============================================
-``perplexity``     ``{"text"}``                                            nats/token and perplexity (AR exact, diffusion
-                                                                           an ELBO bound)
-``minimal_pairs``  ``{"good", "bad"}`` (+ optional ``"phenomenon"``)       accuracy of score(good) > score(bad)
-``multiple_choice`` ``{"query" or "context", "choices", "gold"}``          accuracy of the most likely choice (raw and
-                   (+ optional ``"subject"``)                              per-token length-normalised)
-``cloze``          ``{"context", "continuation"}``                         exact match of the greedy continuation and
-                                                                           its log-likelihood
-=================  ======================================================  =============================================
+- ``perplexity``: ``{"text"}``; nats/token and perplexity (AR exact, diffusion an ELBO bound).
+- ``minimal_pairs``: ``{"good", "bad"}`` (+ optional ``"phenomenon"``); accuracy of score(good) > score(bad).
+- ``multiple_choice``: ``{"query" or "context", "choices", "gold"}`` (+ optional ``"subject"``; a ``context`` may
+  hold one ``#idiom#`` blank); accuracy of the most likely choice, raw and per-token length-normalised.
+- ``cloze``: ``{"context", "continuation"}``; exact match of the greedy continuation, and its log-likelihood.
 
 Task arguments (``resolve_task``):
 
