@@ -247,3 +247,26 @@ def eval_command(argv: list[str]) -> None:
 
 
 COMMANDS["eval"] = eval_command
+
+
+def prepare_command(argv: list[str]) -> None:
+    """tokenize pretrain/SFT files into token caches once (from fit configs or a file list) and summarise them"""
+    from nanollada.prepare import prepare_command as run
+    run(argv)
+
+
+def pipeline_command(argv: list[str]) -> None:
+    """tokenizer -> AR pretrain -> diffusion from AR -> SFT both -> evaluation, resumable (scripts/pipeline.py)"""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "pipeline.py"
+    if not path.is_file():
+        raise SystemExit(f"nanollada pipeline needs the repository checkout ({path} not found)")
+    spec = importlib.util.spec_from_file_location("nanollada_pipeline_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+
+
+COMMANDS["prepare"] = prepare_command
+COMMANDS["pipeline"] = pipeline_command
