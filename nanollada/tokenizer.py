@@ -140,10 +140,12 @@ def iter_training_texts(files: Sequence[str], max_chars: int = 4000) -> Iterator
 
 
 def train_tokenizer(files: Sequence[str], output_dir: str | os.PathLike, vocab_size: int = 8192,
-                    max_sentences: int = 2_000_000, character_coverage: float = 0.9995, seed: int = 0) -> Path:
+                    max_sentences: int = 2_000_000, character_coverage: float = 0.9995, seed: int = 0,
+                    split_digits: bool = True) -> Path:
     """Train a SentencePiece BPE model on the texts of ``files``; writes ``output_dir/tokenizer.model``.
 
     Texts beyond ``max_sentences`` are reservoir-sampled so any corpus size streams through in bounded memory.
+    ``split_digits`` makes every digit its own piece (the default).
     """
     rng = random.Random(seed)
     sample: list[str] = []
@@ -158,7 +160,7 @@ def train_tokenizer(files: Sequence[str], output_dir: str | os.PathLike, vocab_s
     out.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sample), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=character_coverage,
+        model_type="bpe", byte_fallback=True, split_digits=split_digits, character_coverage=character_coverage,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, user_defined_symbols=list(SPECIAL_PIECES) + ["\n"],
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>",

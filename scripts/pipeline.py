@@ -1,0 +1,502 @@
+#!/usr/bin/env python
+"""The whole nanollada recipe in one resumable command (in the spirit of nanochat's speedrun).
+
+    tokenizer -> prepare -> ar_pretrain -> diffusion_from_ar -> ar_sft -> diffusion_sft
+              -> validate -> compare -> eval -> results (logs/<run>/results.md)
+
+    python scripts/pipeline.py --profile cpu            # small preset on the real zh+en data, ~1 hour on 2 cores
+    python scripts/pipeline.py --profile gpu            # the flagship (base preset, bf16) on one GPU
+    python scripts/pipeline.py --profile tiny --max_steps 4 --logs_dir /tmp/x   # plumbing check on bundled data
+    nanollada pipeline ...                               # the same
+
+Profiles choose a config set: ``gpu`` = configs/real/*.yaml, ``cpu`` = configs/real/cpu/*.yaml, ``tiny`` =
+configs/tiny/*.yaml. Everything a run writes lives under ``<logs_dir>/<run>/`` (``--run``, default ``real``,
+``real_cpu`` or ``tiny``): per stage a directory with the derived config (``fit.yaml``: the profile's config with its
+logger, checkpoint directory and ``init_from`` pointed into the run), the subprocess log, TensorBoard events,
+checkpoints and a ``done.json`` marker written after success. A stage with a marker is skipped; a training stage
+without one resumes from its ``checkpoints/last.ckpt`` (``--ckpt_path``) when that exists. So an interrupted run is
+continued by running the same command again, and a finished one is a no-op (``--redo STAGE`` drops a marker).
+
+Training stages run ``python -m nanollada fit --config <run>/<stage>/fit.yaml`` as subprocesses (cwd: the
+repository root, so the configs' relative paths hold). The evaluation stages run ``nanollada validate`` (val/nll of
+every stage's final checkpoint on its own validation rows), ``nanollada compare`` (the two SFT checkpoints on a few
+English and Chinese instructions) and ``nanollada eval`` (when that command exists: perplexity of the validation
+records per source, BLiMP / CLiMP / ChID / CMMLU, every checkpoint side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import yaml  # noqa: E402
+
+TRAIN_STAGES = ("ar_pretrain", "diffusion_from_ar", "ar_sft", "diffusion_sft")
+INIT_FROM = {"ar_pretrain": None, "diffusion_from_ar": "ar_pretrain", "ar_sft": "ar_pretrain",
+             "diffusion_sft": "diffusion_from_ar"}
+STAGES = ("tokenizer", "prepare", *TRAIN_STAGES, "validate", "compare", "eval", "results")
+
+PROMPTS_EN = ["Give three tips for staying healthy.", "Explain why the sky is blue.",
+              "Write a short story about a cat who learns to swim.", "What is the capital of France?"]
+PROMPTS_ZH = ["请简单介绍一下长城。", "用三句话描述春天。", "写一首关于月亮的短诗。", "如何学好一门外语？"]
+EVAL_TASKS = ["ppl-en-gutenberg", "ppl-en-shakespeare", "ppl-zh-modern", "ppl-zh-novels", "ppl-zh-poetry",
+              "blimp", "climp", "chid", "cmmlu"]
+
+PROFILES = {
+    "tiny": dict(configs="configs/tiny", run="tiny", prompts=PROMPTS_EN[:1] + PROMPTS_ZH[:1],
+                 compare=["--max_new_tokens", "16", "--block_length", "16", "--strategies", "[low_confidence]"],
+                 eval_tasks=["data/pretrain.jsonl"], eval_args=["--limit", "4", "--samples", "2", "--batch_size", "4"]),
+    "cpu": dict(configs="configs/real/cpu", run="real_cpu", prompts=PROMPTS_EN[:3] + PROMPTS_ZH[:3],
+                compare=["--max_new_tokens", "64", "--block_length", "32", "--strategies",
+                         "[low_confidence, threshold]"],
+                eval_tasks=EVAL_TASKS, eval_args=["--limit", "32", "--samples", "4", "--batch_size", "16"]),
+    "gpu": dict(configs="configs/real", run="real", prompts=PROMPTS_EN + PROMPTS_ZH,
+                compare=["--max_new_tokens", "128", "--block_length", "32"],
+                eval_tasks=EVAL_TASKS, eval_args=["--limit", "1000", "--samples", "8", "--batch_size", "32"]),
+}
+VALIDATE_SNIPPET = """
+import json, sys
+from nanollada.cli import main
+for stage, config, ckpt in json.loads(sys.argv[1]):
+    print("===== validate " + stage, flush=True)
+    main(["validate", "--config", config, "--ckpt_path", ckpt, "--trainer.logger=false"])
+    sys.stdout.flush()
+"""
+METRIC = re.compile(r"(val/[A-Za-z_]+)[\s│|]+([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))")
+
+
+def log(msg: str) -> None:
+    print(f"[pipeline {datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+class Pipeline:
+    def __init__(self, args):
+        self.args = args
+        self.profile = PROFILES[args.profile]
+        self.run_name = args.run or self.profile["run"]
+        self.root = Path(args.logs_dir).resolve() / self.run_name
+        self.config_dir = REPO / self.profile["configs"]
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if args.data_root:
+            self.env["NANOLLADA_DATA"] = str(Path(args.data_root).resolve())
+        self.data_root = self.env.get("NANOLLADA_DATA")
+        self.configs = {s: self.derive_config(s) for s in TRAIN_STAGES}
+
+    # ------------------------------------------------------------------ paths and markers
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def marker(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "done.json"
+
+    def final_ckpt(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "checkpoints" / "last.ckpt"
+
+    def done(self, stage: str) -> dict | None:
+        m = self.marker(stage)
+        return json.loads(m.read_text()) if m.is_file() else None
+
+    def mark_done(self, stage: str, **info) -> None:
+        self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        tmp = self.marker(stage).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stage": stage, "finished": datetime.now().isoformat(timespec="seconds"), **info},
+                                  indent=1, ensure_ascii=False))
+        os.replace(tmp, self.marker(stage))
+
+    # ------------------------------------------------------------------ configs
+    def derive_config(self, stage: str) -> dict:
+        """The profile's config for ``stage`` with every output and ``init_from`` pointed into the run."""
+        src = self.config_dir / f"{stage}.yaml"
+        if not src.is_file():
+            raise SystemExit(f"missing config {src}")
+        cfg = yaml.safe_load(src.read_text(encoding="utf-8"))
+        tr, a = cfg["trainer"], self.args
+        tr["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                        "init_args": {"save_dir": str(self.root), "name": stage, "version": "tensorboard"}}
+        if a.max_steps:
+            tr["max_steps"] = a.max_steps
+        steps = tr["max_steps"]
+        if tr.get("val_check_interval") and isinstance(tr["val_check_interval"], int):
+            tr["val_check_interval"] = min(tr["val_check_interval"], steps)
+        if a.limit_val_batches is not None:
+            tr["limit_val_batches"] = a.limit_val_batches
+            if a.limit_val_batches == 1:  # LightningCLI reads 1 as 1.0 (= all batches): cap the rows instead
+                tr["limit_val_batches"] = 1.0
+                cfg["data"]["max_val_rows"] = cfg["data"].get("batch_size", 16)
+        if a.quiet or not sys.stdout.isatty():
+            tr["enable_progress_bar"] = False
+        for cb in tr.get("callbacks") or []:
+            if cb["class_path"].endswith("ModelCheckpoint"):
+                ia = cb.setdefault("init_args", {})
+                ia["dirpath"] = str(self.stage_dir(stage) / "checkpoints")
+                ia["save_last"] = True
+                every = ia.get("every_n_train_steps") or steps
+                # last.ckpt must hold the final step: Lightning saves it only on every_n_train_steps boundaries.
+                ia["every_n_train_steps"] = every if steps % every == 0 else steps
+        init = INIT_FROM[stage]
+        cfg["model"]["init_args"]["init_from"] = str(self.final_ckpt(init)) if init else None
+        if a.cache_dir:
+            cfg["data"]["cache_dir"] = str(Path(a.cache_dir).resolve())
+        for item in a.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"--set wants KEY=VALUE (dotted key), got {item!r}")
+            node, parts = cfg, key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = yaml.safe_load(value)
+        return cfg
+
+    def write_config(self, stage: str) -> Path:
+        path = self.stage_dir(stage) / "fit.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = (f"# derived by scripts/pipeline.py from {self.config_dir.relative_to(REPO)}/{stage}.yaml "
+                f"(run {self.run_name})\n" + yaml.safe_dump(self.configs[stage], sort_keys=False, allow_unicode=True))
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def tokenizer_path(self) -> str | None:
+        toks = {s: self.configs[s]["data"].get("tokenizer") for s in TRAIN_STAGES}
+        if len(set(toks.values())) != 1:
+            raise SystemExit(f"the stages use different tokenizers: {toks}")
+        return next(iter(toks.values()))
+
+    # ------------------------------------------------------------------ subprocesses
+    def run_cmd(self, cmd: list[str], logfile: Path, echo: bool | None = None) -> tuple[int, str]:
+        """Run ``cmd`` in the repository root, teeing its output to ``logfile`` (and the console unless quiet)."""
+        echo = not self.args.quiet if echo is None else echo
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        shown = cmd if cmd[1:2] != ["-c"] else [cmd[0], "-c", "<script>", *cmd[3:]]
+        log(f"$ {shlex.join(shown)}  (log: {logfile})")
+        if self.args.dry_run:
+            return 0, ""
+        out = []
+        with open(logfile, "ab") as fh:
+            fh.write(f"\n##### {datetime.now().isoformat(timespec='seconds')} $ {shlex.join(shown)}\n".encode())
+            # raw chunks, not lines: a progress bar's carriage returns reach the console (and the log) as they are
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            try:
+                while chunk := proc.stdout.read1(1 << 16):
+                    fh.write(chunk)
+                    fh.flush()
+                    out.append(chunk)
+                    if echo:
+                        sys.stdout.buffer.write(chunk)
+                        sys.stdout.flush()
+                rc = proc.wait()
+            except BaseException:
+                proc.terminate()
+                proc.wait()
+                raise
+        return rc, b"".join(out).decode("utf-8", errors="replace")
+
+    def nanollada(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "nanollada", *args]
+
+    def fail(self, stage: str, rc: int, output: str) -> None:
+        tail = "\n".join(output.splitlines()[-40:])
+        raise SystemExit(f"[pipeline] stage {stage} failed (exit {rc}); log: {self.stage_dir(stage)}\n{tail}\n"
+                         f"[pipeline] fix the cause and run the same command again: finished stages are skipped and "
+                         f"training resumes from its last checkpoint")
+
+    # ------------------------------------------------------------------ stages
+    def stage_tokenizer(self) -> dict:
+        tok = self.tokenizer_path()
+        if tok is None:
+            log("tokenizer: the configs use the tokenizer shipped with nanollada")
+            return {"tokenizer": "shipped", "trained": False}
+        path = Path(tok) if Path(tok).is_absolute() else REPO / tok
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        if path.is_file():
+            log(f"tokenizer: {path} present")
+            return {"tokenizer": str(path), "trained": False}
+        if path.name != "tokenizer.model":
+            raise SystemExit(f"tokenizer {path} is missing and cannot be trained here (want <dir>/tokenizer.model)")
+        cmd = [sys.executable, str(REPO / "scripts" / "train_tokenizer.py"), "--output", str(path.parent)]
+        if self.data_root:
+            cmd += ["--data_root", self.data_root]
+        rc, out = self.run_cmd(cmd, self.stage_dir("tokenizer") / "tokenizer.log")
+        if rc:
+            self.fail("tokenizer", rc, out)
+        return {"tokenizer": str(path), "trained": True}
+
+    def stage_prepare(self) -> dict:
+        """Token caches of every stage's data (in this process: ``nanollada.prepare``, as ``nanollada prepare``)."""
+        from nanollada.prepare import format_summary, prepare_config
+        d = self.stage_dir("prepare")
+        d.mkdir(parents=True, exist_ok=True)
+        groups: dict[str, list[str]] = {}
+        for s in TRAIN_STAGES:  # stages with the same data section share their caches: summarise once
+            groups.setdefault(json.dumps(self.configs[s]["data"], sort_keys=True), []).append(s)
+        sections, summaries = [], {}
+        with open(d / "prepare.log", "a", encoding="utf-8") as fh:
+            def plog(msg: str) -> None:
+                fh.write(msg + "\n")
+                fh.flush()
+                if not self.args.quiet:
+                    print(msg, flush=True)
+            for stages in groups.values():
+                cfg = self.write_config(stages[0])
+                log(f"prepare: data of {', '.join(stages)} (as `nanollada prepare --config {cfg}`)")
+                if self.args.dry_run:
+                    continue
+                old = os.environ.get("NANOLLADA_DATA")
+                if self.data_root:
+                    os.environ["NANOLLADA_DATA"] = self.data_root
+                cwd = os.getcwd()
+                os.chdir(REPO)  # the configs' relative paths (data, tokenizer, cache) are repository-relative
+                try:
+                    r = prepare_config(cfg, log=plog)
+                except (FileNotFoundError, ValueError) as e:
+                    raise SystemExit(f"[pipeline] prepare failed: {e}")
+                finally:
+                    os.chdir(cwd)
+                    if self.data_root:
+                        os.environ.pop("NANOLLADA_DATA") if old is None else os.environ.update(NANOLLADA_DATA=old)
+                kind = self.configs[stages[0]]["data"].get("kind", "pretrain")
+                sections.append(f"### {kind} data of {', '.join(stages)}\n\n{format_summary(r)}\n")
+                summaries[",".join(stages)] = r.to_dict()
+        if self.args.dry_run:
+            return {}
+        (d / "prepare.md").write_text("\n".join(sections), encoding="utf-8")
+        (d / "prepare.json").write_text(json.dumps(summaries, indent=1, ensure_ascii=False), encoding="utf-8")
+        if not self.args.quiet:
+            print("\n".join(sections), flush=True)
+        return {"summary": str(d / "prepare.md")}
+
+    def stage_train(self, stage: str) -> dict:
+        init = INIT_FROM[stage]
+        if init and not self.args.dry_run and not self.final_ckpt(init).is_file():
+            raise SystemExit(f"[pipeline] {stage} needs {self.final_ckpt(init)} (stage {init} has not finished)")
+        cfg_path = self.write_config(stage)
+        cmd = self.nanollada("fit", "--config", str(cfg_path))
+        last = self.final_ckpt(stage)
+        resumed = last.is_file()
+        if resumed:
+            cmd += ["--ckpt_path", str(last)]
+            log(f"{stage}: resuming from {last}")
+        start = time.time()
+        rc, out = self.run_cmd(cmd, self.stage_dir(stage) / "train.log")
+        if rc:
+            self.fail(stage, rc, out)
+        if self.args.dry_run:
+            return {}
+        max_steps = self.configs[stage]["trainer"]["max_steps"]
+        step = checkpoint_step(last)
+        if step is None or step < max_steps:
+            raise SystemExit(f"[pipeline] {stage}: fit exited 0 but {last} holds step {step}, not {max_steps} "
+                             "(interrupted?); run again to resume")
+        return {"checkpoint": str(last), "steps": step, "seconds": round(time.time() - start, 1),
+                "resumed": resumed, "config": str(cfg_path), "model": self.configs[stage]["model"]["class_path"],
+                "init_from": self.configs[stage]["model"]["init_args"].get("init_from")}
+
+    def stage_validate(self) -> dict:
+        """``nanollada validate`` of every stage's final checkpoint, all four in one process (one start-up)."""
+        d = self.stage_dir("validate")
+        jobs = [(s, str(self.write_config(s)), str(self.final_ckpt(s))) for s in TRAIN_STAGES]
+        for s, cfg, ckpt in jobs:
+            log(f"validate {s}: nanollada validate --config {cfg} --ckpt_path {ckpt} --trainer.logger=false")
+        rc, out = self.run_cmd([sys.executable, "-c", VALIDATE_SNIPPET, json.dumps(jobs)], d / "validate.log",
+                               echo=False)
+        if rc:
+            self.fail("validate", rc, out)
+        if self.args.dry_run:
+            return {}
+        results = {}
+        for part in out.split("===== validate ")[1:]:
+            stage = part.split(None, 1)[0]
+            results[stage] = {k: float(v) for k, v in METRIC.findall(part)}
+            log(f"validate {stage}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[stage].items()))
+        missing = [s for s in TRAIN_STAGES if "val/nll" not in results.get(s, {})]
+        if missing:
+            self.fail("validate", 1, out + f"\nno val/nll found for {missing}")
+        (d / "validate.json").write_text(json.dumps(results, indent=1))
+        return {"metrics": results}
+
+    def stage_compare(self) -> dict:
+        d = self.stage_dir("compare")
+        cmd = self.nanollada("compare", "--ar", str(self.final_ckpt("ar_sft")), "--diffusion",
+                             str(self.final_ckpt("diffusion_sft")), "--output", str(d / "compare.json"),
+                             *self.profile["compare"])
+        for p in self.profile["prompts"]:
+            cmd += ["--prompt", p]
+        if self.args.device:
+            cmd += ["--device", self.args.device]
+        rc, out = self.run_cmd(cmd, d / "compare.log")
+        if rc:
+            self.fail("compare", rc, out)
+        if self.args.dry_run:
+            return {}
+        from nanollada.evaluation.compare import format_table
+        result = json.loads((d / "compare.json").read_text(encoding="utf-8"))
+        (d / "compare.md").write_text(format_table(result).strip() + "\n", encoding="utf-8")
+        return {"table": str(d / "compare.md")}
+
+    def stage_eval(self) -> dict:
+        from nanollada.commands import COMMANDS
+        if "eval" not in COMMANDS:
+            log("eval: `nanollada eval` is not available in this version; skipped")
+            return {"skipped": "no eval command"}
+        d = self.stage_dir("eval")
+        tasks = self.args.eval_tasks or self.profile["eval_tasks"]
+        cmd = self.nanollada("eval", "--ckpt", *(str(self.final_ckpt(s)) for s in TRAIN_STAGES), "--tasks", *tasks,
+                             "--output", str(d / "eval.json"), "--markdown", str(d / "eval.md"),
+                             *self.profile["eval_args"])
+        if self.args.eval_limit is not None:
+            cmd += ["--limit", str(self.args.eval_limit)]
+        if self.data_root:
+            cmd += ["--data_root", self.data_root]
+        if self.args.device:
+            cmd += ["--device", self.args.device]
+        rc, out = self.run_cmd(cmd, d / "eval.log")
+        if rc:
+            self.fail("eval", rc, out)
+        return {"table": str(d / "eval.md")}
+
+    def stage_results(self) -> dict:
+        if self.args.dry_run:
+            return {}
+        path = self.root / "results.md"
+        path.write_text(self.results_markdown(), encoding="utf-8")
+        log(f"results: {path}")
+        return {"results": str(path)}
+
+    # ------------------------------------------------------------------ report
+    def results_markdown(self) -> str:
+        rel = lambda p: os.path.relpath(p, self.root) if p else ""  # noqa: E731
+        lines = [f"# nanollada pipeline: run `{self.run_name}` (profile `{self.args.profile}`)", "",
+                 f"- generated {datetime.now().isoformat(timespec='seconds')} in `{self.root}`",
+                 f"- configs: `{self.config_dir.relative_to(REPO)}/`, data root: "
+                 f"`{self.data_root or 'from the configs (data.data_root)'}`",
+                 f"- tokenizer: `{(self.done('tokenizer') or {}).get('tokenizer', self.tokenizer_path())}`",
+                 f"- command: `{' '.join(['python scripts/pipeline.py', *map(shlex.quote, self.args.argv)])}`", ""]
+        val = (self.done("validate") or {}).get("metrics", {})
+        lines += ["## Training stages", "",
+                  "| stage | model | preset | init from | steps | wall time | val/nll | val/ppl | checkpoint |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        total = 0.0
+        for s in TRAIN_STAGES:
+            info, cfg = self.done(s) or {}, self.configs[s]
+            m = val.get(s, {})
+            total += info.get("seconds", 0.0)
+            nll = f"{m['val/nll']:.4f}" if "val/nll" in m else "-"
+            ppl = f"{m['val/ppl']:.2f}" if "val/ppl" in m else "-"
+            lines.append(f"| {s} | {cfg['model']['class_path'].rsplit('.', 1)[-1]} | "
+                         f"{cfg['model']['init_args'].get('preset')} | {INIT_FROM[s] or '-'} | {info.get('steps', '-')} "
+                         f"| {fmt_seconds(info.get('seconds'))} | {nll} | {ppl} | {rel(info.get('checkpoint'))} |")
+        lines += ["", f"Training wall time (this invocation's stages, excluding resumed parts): {fmt_seconds(total)}. "
+                  "val/nll: nats per token on each stage's own validation rows (pretraining rows for the pretraining "
+                  "stages, SFT answers for the SFT stages), limited by the config's `limit_val_batches`; exact for "
+                  "AR, an ELBO upper bound for diffusion.", ""]
+        for title, stage, name in (("Data", "prepare", "prepare.md"), ("AR vs diffusion on the same prompts "
+                                   "(SFT checkpoints)", "compare", "compare.md"), ("Evaluation", "eval", "eval.md")):
+            lines += [f"## {title}", ""]
+            f = self.stage_dir(stage) / name
+            info = self.done(stage) or {}
+            if f.is_file():
+                lines += [f.read_text(encoding="utf-8").strip().replace(f"{self.root}{os.sep}", ""), ""]
+            else:
+                lines += [f"(not available: {info.get('skipped', 'stage did not run')})", ""]
+        lines += ["## Stage timings", "", "| stage | finished | wall time |", "|---|---|---|"]
+        for s in STAGES[:-1]:
+            info = self.done(s) or {}
+            lines.append(f"| {s} | {info.get('finished', '-')} | {fmt_seconds(info.get('seconds'))} |")
+        return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> None:
+        a = self.args
+        for s in a.redo:
+            if self.marker(s).is_file():
+                self.marker(s).unlink()
+                log(f"{s}: marker removed (--redo)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        log(f"run {self.run_name} (profile {a.profile}) in {self.root}")
+        ran = False
+        for stage in STAGES:
+            if a.only and stage not in a.only:
+                continue
+            if stage == "results" and ran and not a.dry_run:  # rebuilt whenever another stage ran
+                self.marker("results").unlink(missing_ok=True)
+            if self.done(stage):
+                log(f"{stage}: done ({self.marker(stage)}), skipped")
+                continue
+            log(f"{stage}: starting")
+            start = time.time()
+            fn = getattr(self, f"stage_{stage}", None) or (lambda s=stage: self.stage_train(s))
+            info = fn()
+            ran = True
+            if not a.dry_run:
+                info.setdefault("seconds", round(time.time() - start, 1))
+                self.mark_done(stage, **info)
+                log(f"{stage}: finished in {fmt_seconds(info['seconds'])}")
+            if a.stop_after == stage:
+                log(f"stopping after {stage} (--stop_after)")
+                return
+
+
+def checkpoint_step(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    import torch
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unpickling errors have many types
+        return None
+    return payload.get("global_step") if isinstance(payload, dict) else None
+
+
+def fmt_seconds(s) -> str:
+    if s is None:
+        return "-"
+    s = float(s)
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="nanollada pipeline", description=__doc__.split("\n\n")[0],
+                                 epilog="Stages: " + " -> ".join(STAGES))
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
+                    help="config set: gpu = configs/real, cpu = configs/real/cpu, tiny = configs/tiny (tests)")
+    ap.add_argument("--run", default=None, help="run name: outputs go to <logs_dir>/<run>/ (default: real, real_cpu, "
+                    "tiny by profile)")
+    ap.add_argument("--logs_dir", default=str(REPO / "logs"), help="parent of the run directory (default: logs/)")
+    ap.add_argument("--max_steps", type=int, default=None, help="override trainer.max_steps of every training stage")
+    ap.add_argument("--limit_val_batches", type=float, default=None,
+                    help="override trainer.limit_val_batches of every stage (>= 1: batches, < 1: fraction)")
+    ap.add_argument("--data_root", default=None, help="data directory for every stage (sets NANOLLADA_DATA)")
+    ap.add_argument("--cache_dir", default=None, help="token cache directory (default: the configs' data/cache)")
+    ap.add_argument("--device", default=None, help="device of compare/eval (cpu, cuda, auto)")
+    ap.add_argument("--eval_tasks", nargs="+", default=None, help="tasks of the eval stage (default: by profile)")
+    ap.add_argument("--eval_limit", type=int, default=None, help="items per eval task (default: by profile)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config value of every training stage, e.g. --set data.num_workers=0")
+    ap.add_argument("--redo", nargs="+", default=[], choices=STAGES, help="drop these stages' done markers first")
+    ap.add_argument("--only", nargs="+", default=None, choices=STAGES, help="run only these stages (in order)")
+    ap.add_argument("--stop_after", default=None, choices=STAGES, help="stop after this stage")
+    ap.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--quiet", action="store_true", help="subprocess output only to the stage logs")
+    args = ap.parse_args(argv)
+    if args.limit_val_batches is not None and args.limit_val_batches >= 1:
+        args.limit_val_batches = int(args.limit_val_batches)
+    args.argv = argv
+    Pipeline(args).run()
+
+
+if __name__ == "__main__":
+    main()
