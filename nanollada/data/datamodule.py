@@ -111,7 +111,7 @@ class LMDataModule(L.LightningDataModule):
         seq_len: Tokens per training row (pretrain rows are packed to exactly this; SFT rows are truncated to it).
         batch_size: Rows per batch per device.
         val_fraction: Share of records held out by the SHA-1 rule; 2/256 is ../shared/data/README.md's split.
-        max_val_rows: Cap on validation rows (the first ones, so every model sees the same); None = all.
+        max_val_rows: Cap on validation rows (evenly spaced over all files, the same for every model); None = all.
         cache_dir: Where token caches are written.
         skip_bad_lines: Skip malformed lines (counted in the log) instead of stopping with file:line.
         num_workers: DataLoader worker processes.
@@ -158,7 +158,9 @@ class LMDataModule(L.LightningDataModule):
             self.train_set = ConcatDataset(self.train_parts)
             val = ConcatDataset(self._datasets("val"))
             n = len(val) if self.hparams.max_val_rows is None else min(len(val), self.hparams.max_val_rows)
-            self.val_set = torch.utils.data.Subset(val, range(n))
+            # evenly spaced rows, so a capped validation set still covers every file (and language) of the mix
+            self.val_set = torch.utils.data.Subset(val, np.linspace(0, len(val) - 1, n).round().astype(int).tolist()
+                                                   if n else [])
 
     def _collate(self):
         cls = getattr(self.trainer.lightning_module, "collate_cls", None) if self.trainer else None
