@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.2.0"
 _EXPORTS = {
-    "ARLM": "nanollada.lm", "MaskedDiffusionLM": "nanollada.lm", "load_checkpoint": "nanollada.lm",
+    "ARLM": "nanollada.lm", "MaskedDiffusionLM": "nanollada.lm", "load_checkpoint": "nanollada.loading",
     "LMDataModule": "nanollada.data", "ModelConfig": "nanollada.model", "Transformer": "nanollada.model",
     "Tokenizer": "nanollada.tokenizer",
 }

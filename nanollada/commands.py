@@ -104,7 +104,7 @@ def _device(name: str) -> str:
 
 
 def _load(path: str, device: str):
-    from nanollada.lm.base import load_checkpoint
+    from nanollada.loading import load_checkpoint
     try:
         return load_checkpoint(path, device)
     except (FileNotFoundError, ValueError) as e:

@@ -11,7 +11,7 @@
 
 ``load_exported(dir)`` rebuilds the model with only torch, safetensors and sentencepiece (plus this package's
 ``nanollada.model`` and ``nanollada.tokenizer``, which need nothing else); no Lightning code runs and no pickle is
-read. The returned object has the fields of ``nanollada.lm.base.LoadedModel``, so ``generate_text`` and ``compare``
+read. The returned object has the fields of ``nanollada.loading.LoadedModel``, so ``generate_text`` and ``compare``
 accept it.
 
     nanollada export --ckpt logs/tiny_ar_pretrain/checkpoints/last.ckpt --output exported/tiny_ar
@@ -22,44 +22,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from nanollada.loading import LoadedModel, read_checkpoint
 
 FORMAT = "nanollada-export"
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
 TIED = ("embed.weight", "lm_head.weight")  # (kept, dropped)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoadedModel:
-    """An exported model loaded for inference: the fields of ``nanollada.lm.base.LoadedModel`` (model in eval mode,
-    tokenizer, paradigm, path, is_chat) plus the exported ``config.json`` as ``metadata``. Defined here because the
-    other one lives in a module that imports Lightning."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    paradigm: str
-    path: str
-    is_chat: bool = False
-    metadata: dict = field(default_factory=dict)
-
-
-def _read_checkpoint(path: str | os.PathLike) -> dict:
-    """``torch.load(weights_only=True)`` of a nanollada Lightning checkpoint (same checks as ``read_checkpoint``,
-    without importing Lightning)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # unpickling errors have many types
-        raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or "nanollada" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{path} is not a nanollada checkpoint (no 'nanollada' entry)")
-    return payload
 
 
 def export_checkpoint(ckpt: str | os.PathLike, output: str | os.PathLike, dtype: str | None = None) -> Path:
@@ -75,7 +48,7 @@ def export_checkpoint(ckpt: str | os.PathLike, output: str | os.PathLike, dtype:
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    payload = _read_checkpoint(ckpt)
+    payload = read_checkpoint(ckpt)
     meta = payload["nanollada"]
     cfg = ModelConfig.from_dict(meta["model_config"])
     state = {k[len("model."):]: v for k, v in payload["state_dict"].items() if k.startswith("model.")}

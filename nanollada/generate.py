@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from nanollada.lm.base import LoadedModel
+from nanollada.loading import LoadedModel
 from nanollada.sampling.ar import ar_generate
 from nanollada.sampling.diffusion import (ConfidenceThreshold, LowConfidence, RandomRemask, Strategy,
                                           ThresholdTopKBudget, diffusion_generate, trace_to_html)

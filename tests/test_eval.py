@@ -11,7 +11,7 @@ from conftest import CONFIGS, finish, fit_config, start_cli, write_jsonl
 from nanollada.data.records import SHARED_VAL_FRACTION, DataError, is_validation
 from nanollada.evaluation.runner import EvalSettings, checkpoint_labels, evaluate_task, fit_length, format_markdown
 from nanollada.evaluation.tasks import Task, detect_family, load_task_file, resolve_task
-from nanollada.lm.base import LoadedModel
+from nanollada.loading import LoadedModel
 from nanollada.model import ModelConfig, Transformer
 
 STEPS = dict(max_steps=3, val_check_interval=3, limit_val_batches=1, log_every_n_steps=1)

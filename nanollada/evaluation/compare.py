@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from nanollada.generate import GenerationSettings, generate_text
-from nanollada.lm.base import LoadedModel
+from nanollada.loading import LoadedModel
 
 
 def compare(ar: LoadedModel, diffusion: LoadedModel, prompts: list[str], settings: GenerationSettings,

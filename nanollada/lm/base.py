@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
@@ -19,6 +18,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from nanollada.checkpoint import AtomicCheckpointIO
+from nanollada.loading import LoadedModel, backbone_state, load_checkpoint, read_checkpoint  # noqa: F401
 from nanollada.model import ModelConfig, Transformer, document_attention_mask, load_matching_weights
 from nanollada.tokenizer import Tokenizer
 
@@ -239,43 +239,3 @@ class LanguageModel(L.LightningModule):
         if tok is not None and tok.fingerprint() != self.tokenizer.fingerprint():
             raise ValueError(f"data tokenizer {tok.path} differs from the model's {self.tokenizer.path}; "
                              "set data.tokenizer (linked to model.tokenizer) to one file")
-
-
-def backbone_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Backbone tensors of a LightningModule state dict ("model." prefix removed)."""
-    return {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-
-
-def read_checkpoint(path: str) -> dict:
-    """``torch.load(weights_only=True)`` of a nanollada checkpoint, with clear errors for other files."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # unpickling errors have many types
-        raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or "nanollada" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{path} is not a nanollada checkpoint (no 'nanollada' entry)")
-    return payload
-
-
-@dataclass
-class LoadedModel:
-    """A model rebuilt from a checkpoint for inference: backbone in eval mode plus its tokenizer."""
-
-    model: Transformer
-    tokenizer: Tokenizer
-    paradigm: str
-    path: str
-    is_chat: bool = False
-
-
-def load_checkpoint(path: str, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the backbone and tokenizer of a nanollada checkpoint (no Lightning needed)."""
-    payload = read_checkpoint(path)
-    meta = payload["nanollada"]
-    tokenizer = Tokenizer(model_bytes=bytes(meta["tokenizer_model"].numpy().tobytes()))
-    model = Transformer(ModelConfig.from_dict(meta["model_config"]))
-    model.load_state_dict(backbone_state(payload["state_dict"]))
-    return LoadedModel(model.to(device).eval(), tokenizer, meta["paradigm"], str(path),
-                       is_chat=meta.get("data_kind") == "sft")
