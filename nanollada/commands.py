@@ -121,7 +121,8 @@ def predict_command(argv: list[str]) -> None:
     parser.add_argument("--ckpt", type=str, required=True, help="a nanollada checkpoint (.ckpt)")
     parser.add_argument("--output", type=str | None, default=None, help="JSONL file to write (default: stdout only)")
     parser.add_argument("--trace", type=str | None, default=None,
-                        help="diffusion: write the denoising canvas of the first prompt, step by step, to this HTML file")
+                        help="diffusion: the denoising canvas of the first prompt, step by step: an HTML file to "
+                             "write (slider + play button), or '-' to print it in the terminal")
     cfg = parser.parse_args(argv)
     prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     loaded = _load(cfg.ckpt, _device(cfg.device))
@@ -137,7 +138,7 @@ def predict_command(argv: list[str]) -> None:
         records.append(rec)
         print(f"### {p}\n{rec['completion']}\n[{rec['tokens']} tokens, {rec['forwards']} forwards, "
               f"{rec['seconds']:.2f}s, {rec['tokens_per_second']:.1f} tok/s]\n", file=sys.stderr)
-    if cfg.trace:
+    if cfg.trace and cfg.trace != "-":
         print(f"wrote the denoising trace of the first prompt to {cfg.trace}", file=sys.stderr)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if cfg.output:

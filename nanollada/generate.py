@@ -9,6 +9,7 @@ and returns a JSON-ready record with the timings and forward counts both paradig
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -17,7 +18,8 @@ import torch
 from nanollada.loading import LoadedModel
 from nanollada.sampling.ar import ar_generate
 from nanollada.sampling.diffusion import (ConfidenceThreshold, LowConfidence, RandomRemask, Strategy,
-                                          ThresholdTopKBudget, diffusion_generate, trace_to_html)
+                                          ThresholdTopKBudget, diffusion_generate, print_trace,
+                                          trace_to_html)
 
 MAX_PROMPT_CHARS = 100_000
 
@@ -92,7 +94,8 @@ def _cut(ids: list[int], stops: set[int]) -> list[int]:
 def generate_text(loaded: LoadedModel, prompt: str, settings: GenerationSettings, trace_path: str | None = None) -> dict:
     """Generate a completion of ``prompt``; returns prompt, completion, counts and timings (JSON-ready).
 
-    trace_path: diffusion only, write the canvas after every step to this HTML file (``trace_to_html``).
+    trace_path: diffusion only, record the canvas after every step: ``"-"`` prints it to the terminal (stderr, one
+    line per step), any other path gets a self-contained HTML page with a step slider (``trace_to_html``).
     """
     if trace_path and loaded.paradigm != "diffusion":
         raise ValueError("a denoising trace needs a diffusion checkpoint")
@@ -126,8 +129,13 @@ def generate_text(loaded: LoadedModel, prompt: str, settings: GenerationSettings
                                  mask_id=tok.mask_id, eos_id=tok.eos_id, temperature=settings.temperature,
                                  generator=g, use_prefix_cache=settings.use_prefix_cache,
                                  record_trace=trace_path is not None)
-        if trace_path:
-            trace_to_html(out.trace, trace_path, tok.decode, mask_id=tok.mask_id, title=prompt[:80])
+        def show(ids: list[int]) -> str:  # special tokens (eos) stay visible in the trace
+            return "".join(tok.sp.id_to_piece(i) if i in tok.special_ids else tok.decode([i]) for i in ids)
+
+        if trace_path == "-":
+            print_trace(out.trace, show, mask_id=tok.mask_id, file=sys.stderr)
+        elif trace_path:
+            trace_to_html(out.trace, trace_path, show, mask_id=tok.mask_id, title=prompt[:80])
         gen = _cut(out.generated[0].tolist(), stops)
         record.update(forwards=out.forwards, first_token_seconds=out.first_round_seconds, seconds=out.seconds,
                       generated_tokens=gen_length, steps_per_block=out.steps_per_block)
