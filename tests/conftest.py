@@ -127,6 +127,19 @@ def run_cli(args: list[str], cwd: Path, threads: int | None = None, timeout: flo
     return finish(start_cli(args, cwd, threads), timeout)
 
 
+def scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of a TensorBoard scalar under log_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert tag in ea.Tags()["scalars"], f"{tag} not logged in {log_dir}: {ea.Tags()['scalars']}"
+    return {e.step: e.value for e in ea.Scalars(tag)}
+
+
+def check_ok(result, what):
+    assert result.returncode == 0, f"{what} failed (rc {result.returncode}):\n{result.stderr[-4000:]}"
+
+
 @pytest.fixture
 def cli():
     """The runner: ``cli(args, cwd)`` -> CompletedProcess of ``python -m nanollada ARGS``."""

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONFIGS, DATA, finish, fit_config, start_cli, write_jsonl
+from conftest import CONFIGS, DATA, check_ok, finish, fit_config, scalars, start_cli, write_jsonl
 
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 FLAGSHIP = CONFIGS / "ar_pretrain.yaml"
@@ -24,17 +23,6 @@ TRAINER = dict(max_steps=30, val_check_interval=15, limit_val_batches=2, log_eve
 MODEL = dict(warmup_steps=5, schedule="constant")
 DATA_ARGS = dict(seq_len=64, batch_size=8)
 CKPT = dict(every_n_train_steps=10)
-
-
-def scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    ea.Reload()
-    assert tag in ea.Tags()["scalars"], f"{tag} not logged in {log_dir}: {ea.Tags()['scalars']}"
-    return {e.step: e.value for e in ea.Scalars(tag)}
-
-
-def check_ok(result, what):
-    assert result.returncode == 0, f"{what} failed (rc {result.returncode}):\n{result.stderr[-4000:]}"
 
 
 # ---------------------------------------------------------------------------------------------- configs

@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONFIGS, english_lines, finish, fit_config, start_cli, write_jsonl
+from conftest import CONFIGS, check_ok, english_lines, finish, fit_config, scalars, start_cli, write_jsonl
 
 STEPS = 30
 # CPU even where a GPU exists: bit-reproducible steps, and slow enough that the kill lands mid-run.
@@ -33,17 +32,6 @@ MODEL = dict(warmup_steps=5)  # cosine over max_steps, as in the shipped configs
 DATA_ARGS = dict(seq_len=64, batch_size=4)
 CKPT = dict(every_n_train_steps=10)
 BASES = {"ar": CONFIGS / "tiny" / "ar_pretrain.yaml", "diffusion": CONFIGS / "tiny" / "diffusion_pretrain.yaml"}
-
-
-def scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    ea.Reload()
-    assert tag in ea.Tags()["scalars"], f"{tag} not logged in {log_dir}: {ea.Tags()['scalars']}"
-    return {e.step: e.value for e in ea.Scalars(tag)}
-
-
-def check_ok(result, what):
-    assert result.returncode == 0, f"{what} failed (rc {result.returncode}):\n{result.stderr[-4000:]}"
 
 
 def kill_after_checkpoint(procs: dict, ckpt_dirs: dict, timeout: float = 180) -> None:
