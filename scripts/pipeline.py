@@ -32,6 +32,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -386,8 +387,9 @@ class Pipeline:
                  f"- command: `{' '.join(['python scripts/pipeline.py', *map(shlex.quote, self.args.argv)])}`", ""]
         val = (self.done("validate") or {}).get("metrics", {})
         lines += ["## Training stages", "",
-                  "| stage | model | preset | init from | steps | wall time | val/nll | val/ppl | checkpoint |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| stage | model | preset | init from | steps | wall time | train tok/s | train loss first → last "
+                  "| val/nll | val/ppl | checkpoint |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         total = 0.0
         for s in TRAIN_STAGES:
             info, cfg = self.done(s) or {}, self.configs[s]
@@ -395,13 +397,20 @@ class Pipeline:
             total += info.get("seconds", 0.0)
             nll = f"{m['val/nll']:.4f}" if "val/nll" in m else "-"
             ppl = f"{m['val/ppl']:.2f}" if "val/ppl" in m else "-"
+            tb = train_scalars(self.stage_dir(s) / "tensorboard")
+            speed = f"{statistics.median(tb['train/tokens_per_s']):,.0f}" if tb.get("train/tokens_per_s") else "-"
+            losses = tb.get("train/loss") or []
+            loss = f"{mean_of(losses[:10]):.3f} → {mean_of(losses[-10:]):.3f}" if losses else "-"
             lines.append(f"| {s} | {cfg['model']['class_path'].rsplit('.', 1)[-1]} | "
                          f"{cfg['model']['init_args'].get('preset')} | {INIT_FROM[s] or '-'} | {info.get('steps', '-')} "
-                         f"| {fmt_seconds(info.get('seconds'))} | {nll} | {ppl} | {rel(info.get('checkpoint'))} |")
+                         f"| {fmt_seconds(info.get('seconds'))} | {speed} | {loss} | {nll} | {ppl} "
+                         f"| {rel(info.get('checkpoint'))} |")
         lines += ["", f"Training wall time (this invocation's stages, excluding resumed parts): {fmt_seconds(total)}. "
                   "val/nll: nats per token on each stage's own validation rows (pretraining rows for the pretraining "
                   "stages, SFT answers for the SFT stages), limited by the config's `limit_val_batches`; exact for "
-                  "AR, an ELBO upper bound for diffusion.", ""]
+                  "AR, an ELBO upper bound for diffusion. train tok/s: the median of the logged `train/tokens_per_s` (tokens "
+                  "in the batches, padding included); train loss: the mean of the first and of the last ten logged "
+                  "values (every `log_every_n_steps` steps).", ""]
         for title, stage, name in (("Data", "prepare", "prepare.md"), ("AR vs diffusion on the same prompts "
                                    "(SFT checkpoints)", "compare", "compare.md"), ("Evaluation", "eval", "eval.md")):
             lines += [f"## {title}", ""]
@@ -458,6 +467,24 @@ def checkpoint_step(path: Path) -> int | None:
     except Exception:  # unpickling errors have many types
         return None
     return payload.get("global_step") if isinstance(payload, dict) else None
+
+
+def train_scalars(event_dir: Path) -> dict[str, list[float]]:
+    """Every scalar series in the TensorBoard event files under ``event_dir`` (step order; resumed runs appended)."""
+    if not event_dir.is_dir():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    series: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(event_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            series.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return {tag: [v for _, v in sorted(points, key=lambda p: p[0])] for tag, points in series.items()}
+
+
+def mean_of(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def fmt_seconds(s) -> str:

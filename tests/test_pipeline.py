@@ -98,7 +98,7 @@ def run_pipeline(args, timeout=600):
 def test_tiny_pipeline_end_to_end_then_skips(tmp_path):
     args = ["--profile", "tiny", "--run", "t", "--logs_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"),
             "--max_steps", "4", "--limit_val_batches", "1", "--set", "trainer.num_sanity_val_steps=0",
-            "--eval_limit", "2", "--quiet"]
+            "--set", "trainer.log_every_n_steps=1", "--eval_limit", "2", "--quiet"]
     start = time.time()
     r = run_pipeline([str(PIPELINE), *args])
     took = time.time() - start
@@ -118,7 +118,11 @@ def test_tiny_pipeline_end_to_end_then_skips(tmp_path):
     assert json.loads((root / "compare" / "compare.json").read_text())
     results = (root / "results.md").read_text()
     for stage in STAGES:
-        assert f"| {stage} |" in results
+        row = next(line for line in results.splitlines() if line.startswith(f"| {stage} |")).split(" | ")
+        tok_s, loss = row[6], row[7]  # read back from the stage's TensorBoard events
+        assert float(tok_s.replace(",", "")) > 0, row
+        first, last = (float(x) for x in loss.split(" → "))
+        assert 0 < last < 20 and 0 < first < 20, row
     assert "## AR vs diffusion" in results and "## Data" in results
     from nanollada.commands import COMMANDS
     if "eval" in COMMANDS:
