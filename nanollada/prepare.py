@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nanollada.data import cache as cache_module
-from nanollada.data.cache import build_cache, cache_key
+from nanollada.data.cache import build_cache, cache_key, missing_data_message
 from nanollada.data.records import SHARED_VAL_FRACTION
 from nanollada.tokenizer import Tokenizer
 
@@ -110,7 +110,7 @@ def prepare_files(files: Sequence[str], kind: str, tokenizer: str | os.PathLike 
     out = []
     for i, f in enumerate(files):
         if not os.path.isfile(f):
-            raise FileNotFoundError(f"data file not found: {f}")
+            raise FileNotFoundError(missing_data_message(f))
         reused = (Path(cache_dir) / cache_key(f, kind, tok, val_fraction, max_len) / "meta.json").is_file()
         start = time.time()
         with _progress(progress_every, log):

@@ -91,7 +91,7 @@ def test_prepare_config_budget_and_data_root(corpus, tmp_path, tiny_tokenizer_pa
                     "skip_bad_lines": True}}
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"en-books\.jsonl \(resolved to /.*NANOLLADA_DATA"):
         prepare_config(path, log=lambda m: None)
     monkeypatch.setenv("NANOLLADA_DATA", str(tmp_path))  # the env variable overrides data.data_root
     r = prepare_config(path, log=lambda m: None)

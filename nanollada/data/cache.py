@@ -67,6 +67,12 @@ class _SplitWriter:
         return {"documents": len(self.offsets) - 1, "tokens": self.n_tokens, "characters": self.chars}
 
 
+def missing_data_message(path: str) -> str:
+    """The error for a data file that is not there: the path as given, where it resolved, and how to fix it."""
+    return (f"data file not found: {path} (resolved to {os.path.abspath(path)}); check the config's data paths, "
+            "data.data_root, or the NANOLLADA_DATA environment variable (the shared corpora's directory)")
+
+
 def build_cache(path: str, kind: str, tokenizer: Tokenizer, cache_root: str, val_fraction: float,
                 skip_bad_lines: bool = False, max_len: int | None = None, log=print) -> Path:
     """Tokenize ``path`` into ``cache_root/<key>/`` unless that cache exists; return the directory.
@@ -74,7 +80,7 @@ def build_cache(path: str, kind: str, tokenizer: Tokenizer, cache_root: str, val
     ``max_len`` truncates SFT conversations (counted in meta.json as ``truncated``).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(missing_data_message(path))
     final = Path(cache_root) / cache_key(path, kind, tokenizer, val_fraction, max_len)
     if (final / "meta.json").is_file():
         return final
