@@ -398,7 +398,8 @@ class Pipeline:
             nll = f"{m['val/nll']:.4f}" if "val/nll" in m else "-"
             ppl = f"{m['val/ppl']:.2f}" if "val/ppl" in m else "-"
             tb = train_scalars(self.stage_dir(s) / "tensorboard")
-            speed = f"{statistics.median(tb['train/tokens_per_s']):,.0f}" if tb.get("train/tokens_per_s") else "-"
+            speeds = tb.get("train/tokens_per_s")
+            speed = f"{statistics.median(speeds):,.0f}" if speeds else "-"
             losses = tb.get("train/loss") or []
             loss = f"{mean_of(losses[:10]):.3f} → {mean_of(losses[-10:]):.3f}" if losses else "-"
             lines.append(f"| {s} | {cfg['model']['class_path'].rsplit('.', 1)[-1]} | "
@@ -408,9 +409,9 @@ class Pipeline:
         lines += ["", f"Training wall time (this invocation's stages, excluding resumed parts): {fmt_seconds(total)}. "
                   "val/nll: nats per token on each stage's own validation rows (pretraining rows for the pretraining "
                   "stages, SFT answers for the SFT stages), limited by the config's `limit_val_batches`; exact for "
-                  "AR, an ELBO upper bound for diffusion. train tok/s: the median of the logged `train/tokens_per_s` (tokens "
-                  "in the batches, padding included); train loss: the mean of the first and of the last ten logged "
-                  "values (every `log_every_n_steps` steps).", ""]
+                  "AR, an ELBO upper bound for diffusion. train tok/s: the median of the logged `train/tokens_per_s` "
+                  "(tokens in the batches, padding included); train loss: the mean of the first and of the last ten "
+                  "logged values (every `log_every_n_steps` steps).", ""]
         for title, stage, name in (("Data", "prepare", "prepare.md"), ("AR vs diffusion on the same prompts "
                                    "(SFT checkpoints)", "compare", "compare.md"), ("Evaluation", "eval", "eval.md")):
             lines += [f"## {title}", ""]
@@ -470,7 +471,8 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def train_scalars(event_dir: Path) -> dict[str, list[float]]:
-    """Every scalar series in the TensorBoard event files under ``event_dir`` (step order; resumed runs appended)."""
+    """Every scalar series in the TensorBoard event files under ``event_dir``, in step order (all event files of
+    the stage, so a resumed run's steps are included; a step logged by both attempts appears twice)."""
     if not event_dir.is_dir():
         return {}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
