@@ -401,7 +401,7 @@ class Pipeline:
             speeds = tb.get("train/tokens_per_s")
             speed = f"{statistics.median(speeds):,.0f}" if speeds else "-"
             losses = tb.get("train/loss") or []
-            loss = f"{mean_of(losses[:10]):.3f} → {mean_of(losses[-10:]):.3f}" if losses else "-"
+            loss = f"{statistics.mean(losses[:10]):.3f} → {statistics.mean(losses[-10:]):.3f}" if losses else "-"
             lines.append(f"| {s} | {cfg['model']['class_path'].rsplit('.', 1)[-1]} | "
                          f"{cfg['model']['init_args'].get('preset')} | {INIT_FROM[s] or '-'} | {info.get('steps', '-')} "
                          f"| {fmt_seconds(info.get('seconds'))} | {speed} | {loss} | {nll} | {ppl} "
@@ -483,10 +483,6 @@ def train_scalars(event_dir: Path) -> dict[str, list[float]]:
         for tag in acc.Tags().get("scalars", []):
             series.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return {tag: [v for _, v in sorted(points, key=lambda p: p[0])] for tag, points in series.items()}
-
-
-def mean_of(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def fmt_seconds(s) -> str:
