@@ -51,7 +51,8 @@ class StratifiedTime(MaskRatioSampler):
 
     def __call__(self, batch_size, step=0, generator=None, device="cpu"):
         u = self._uniform(1, generator, device)
-        perm = torch.randperm(batch_size, generator=generator).to(device)
+        perm = torch.randperm(batch_size, generator=generator,
+                              device="cpu" if generator is None else generator.device).to(device)
         return (perm.float() + u) / batch_size
 
 

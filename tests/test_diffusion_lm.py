@@ -30,6 +30,25 @@ def test_stratified_time_has_one_draw_per_stratum():
     assert not torch.equal(t, t.sort().values)  # rows are shuffled, not ordered by stratum
 
 
+def test_stratified_time_draws_on_the_generators_device(monkeypatch):
+    """The permutation is drawn on the generator's device (a CUDA generator cannot drive a CPU randperm)."""
+    want = StratifiedTime()(8, generator=gen(3))
+    seen = []
+    real = torch.randperm
+
+    def spy(*args, **kw):
+        seen.append(kw.get("device"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch, "randperm", spy)
+    g = gen(3)
+    got = StratifiedTime()(8, generator=g, device="cpu")
+    assert seen == [g.device]  # the generator's device, passed explicitly
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # and the same draw as before on CPU
+    StratifiedTime()(8)  # no generator: the default device
+    assert seen[-1] is None or torch.device(seen[-1]).type == "cpu"
+
+
 def test_clipped_band_stays_in_band_and_rejects_bad_bounds():
     t = ClippedBand(0.3, 0.8)(5000, generator=gen())
     assert t.min() >= 0.3 and t.max() <= 0.8 and abs(t.mean() - 0.55) < 0.01
