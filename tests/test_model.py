@@ -99,17 +99,26 @@ def test_kv_cache_overflow_is_an_error(causal_model):
         causal_model(ids(B=1, T=65))
 
 
-@pytest.mark.parametrize("preset,lo,hi", [("tiny", 0.5e6, 1.5e6), ("small", 5e6, 7e6), ("base", 26e6, 30e6)])
-def test_preset_parameter_counts(preset, lo, hi):
+# Counted by hand from the preset shapes (8192-token vocabulary, tied embedding counted once, no biases):
+# per block wq d*H*hd + wk, wv d*K*hd + wo H*hd*d + SwiGLU 3*d*ffn + two RMSNorms 2*d; plus embedding 8192*d and the
+# final norm d. ffn = 64 * ceil(8/3 * d / 64).
+#   tiny  d=96,  hd=24, H=4, K=2, ffn=256:  9216 + 2*4608 + 9216 + 73728 + 192        = 101,568 x 2 + 786,432 + 96
+#   small d=256, hd=32, H=8, K=2, ffn=704:  65536 + 2*16384 + 65536 + 540672 + 512    = 705,024 x 6 + 2,097,152 + 256
+#   base  d=512, hd=64, H=8, K=2, ffn=1408: 262144 + 2*65536 + 262144 + 2162688 + 1024 = 2,819,072 x 8 + 4,194,304 + 512
+PARAMS = {"tiny": (256, 101_568, 989_664), "small": (704, 705_024, 6_327_552), "base": (1408, 2_819_072, 26_747_392)}
+
+
+@pytest.mark.parametrize("preset", sorted(PARAMS))
+def test_preset_parameter_counts(preset):
+    ffn, per_block, total = PARAMS[preset]
     cfg = ModelConfig.from_preset(preset, vocab_size=8192)
     with torch.device("meta"):
         model = Transformer(cfg)
-    n = model.num_params()
-    assert lo <= n <= hi, f"{preset}: {n / 1e6:.2f}M parameters"
+    assert cfg.ffn_hidden == ffn
     assert model.lm_head.weight is model.embed.weight  # tied: counted once
-    assert n == sum(p.numel() for p in model.parameters())
-    embed = 8192 * cfg.d_model
-    assert n < embed + cfg.n_layers * 4 * cfg.d_model ** 2 * 4  # tied embedding not counted twice
+    assert sum(p.numel() for p in model.blocks[0].parameters()) == per_block
+    assert model.num_params() == total
+    assert sum(p.numel() for p in model.parameters()) == total
 
 
 def test_unknown_preset():
