@@ -96,10 +96,8 @@ def diffusion_elbo(model: Callable[..., torch.Tensor], ids: torch.Tensor, eligib
     masked independently with probability p_mask and the row scores sum_{masked} CE / p_mask (LLaDA eq. 3). The draws
     are averaged. Per-token values are ``result / eligible.sum(1)``; rows with nothing eligible give 0.
 
-    Masking is plain Bernoulli, deliberately *not* ``noise.apply_random_mask``: its "at least one masked token per
-    row" rule is right for training but biases the estimate upwards (badly for short rows, where a draw with no mask
-    is likely and the forced token then carries a weight of up to 1/eps = 1000); with independent masks
-    E[masked / p_mask] = 1 for every token, so the estimate is unbiased.
+    Masking is plain Bernoulli, as in training (``noise.apply_random_mask``): a draw may mask nothing in a row (it
+    then scores 0), and with independent masks E[masked / p_mask] = 1 for every token, so the estimate is unbiased.
 
     Args:
         model: Callable ``model(ids, attn_mask=...) -> logits (B, T, V)``: a bidirectional ``Transformer``.
