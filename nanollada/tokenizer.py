@@ -9,6 +9,11 @@ Chat template (ChatML-like)::
     <|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n{content}<|im_end|>\\n
 
 ``render_chat`` returns token ids and a loss mask that is True on assistant content and its ``<|im_end|>`` only.
+
+User text never yields a special id: ``encode`` (and so ``encode_batch``, ``render_chat`` and ``chat_prompt``) treats
+a special piece typed in the text (``<|mask|>``, ``<|im_start|>``, ``<|im_end|>``; SentencePiece would match these
+user-defined symbols anywhere) as plain characters. Only the template inserts special ids. Text without such pieces
+encodes exactly as SentencePiece does.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import io
 import json
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -73,6 +79,21 @@ class Tokenizer:
             raise ValueError(f"{path} lacks the special pieces of a nanollada tokenizer {SPECIAL_PIECES}")
         self.special_ids = frozenset({self.pad_id, self.bos_id, self.eos_id, self.mask_id, self.im_start_id,
                                       self.im_end_id})
+        # Special pieces that SentencePiece matches inside raw text (its user-defined symbols; control pieces such as
+        # </s> are never matched), each with the ids of the same characters as plain text (cut after the first
+        # character, so the symbol no longer matches).
+        reserved = self.special_ids | {self.unk_id}
+        self._plain_pieces: dict[str, list[int]] = {}
+        for i in sorted(reserved):
+            piece = self.sp.id_to_piece(i)
+            if set(self.sp.encode(piece)) & reserved:
+                plain = self.sp.encode(piece[:1]) + self.sp.encode(piece[1:])
+                if set(plain) & reserved:  # cannot happen with nanollada's pieces; per character as a fallback
+                    plain = [j for ch in piece for j in self.sp.encode(ch)]
+                self._plain_pieces[piece] = plain
+        self._special_re = re.compile("|".join(re.escape(p) for p in sorted(self._plain_pieces, key=len,
+                                                                               reverse=True))) \
+            if self._plain_pieces else None
 
     @property
     def vocab_size(self) -> int:
@@ -82,12 +103,28 @@ class Tokenizer:
         """Content hash of the model file: keys token caches and guards against vocabulary mismatches."""
         return hashlib.sha1(self.model_bytes).hexdigest()[:16]
 
+    def _has_special(self, text: str) -> bool:
+        return self._special_re is not None and self._special_re.search(text) is not None
+
+    def _encode_escaped(self, text: str) -> list[int]:
+        ids, pos = [], 0
+        for m in self._special_re.finditer(text):
+            ids += self.sp.encode(text[pos:m.start()]) + self._plain_pieces[m.group()]
+            pos = m.end()
+        return ids + self.sp.encode(text[pos:])
+
     def encode(self, text: str) -> list[int]:
-        """Plain text -> ids, without bos/eos."""
-        return self.sp.encode(text)
+        """Plain text -> ids, without bos/eos. Special pieces in the text are encoded as plain characters."""
+        return self._encode_escaped(text) if self._has_special(text) else self.sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts), num_threads=1)
+        """``encode`` of every text (one SentencePiece call for the texts without special pieces)."""
+        texts = list(texts)
+        out = self.sp.encode(texts, num_threads=1)
+        for i, t in enumerate(texts):
+            if self._has_special(t):
+                out[i] = self._encode_escaped(t)
+        return out
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]

@@ -108,6 +108,39 @@ def test_add_generation_prompt(shipped_tokenizer):
     assert tok.sp.decode(ids[1:]).endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
+SPECIAL_TOKEN_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4, "im_start": 5, "im_end": 6}
+
+
+@pytest.mark.parametrize("name", sorted(SPECIAL_TOKEN_IDS))
+def test_special_pieces_in_user_text_are_plain_text(shipped_tokenizer, name):
+    """Typing a special piece (``<|mask|>``, ``<|im_end|>``, ``</s>``...) in a prompt or a training text gives
+    ordinary text ids, never the special id; the text still round-trips exactly."""
+    tok = shipped_tokenizer
+    piece = tok.sp.id_to_piece(SPECIAL_TOKEN_IDS[name])
+    forbidden = tok.special_ids | {tok.unk_id}
+    for text in (piece, f"say {piece} now", f"{piece}{piece}x{piece}", f"<|{piece}|>", f"{piece}\n{piece[:-1]}"):
+        ids = tok.encode(text)
+        assert not set(ids) & forbidden, (text, ids)
+        assert tok.decode(ids) == tok.decode(ids, skip_special=False) == text
+        assert tok.encode_batch(["plain", text]) == [tok.encode("plain"), ids]
+    text = f"what does {piece} mean?"
+    prompt = tok.chat_prompt(text)  # plain prompts and the chat template share the rule
+    assert [i for i in prompt if i in forbidden] == [tok.bos_id, tok.im_start_id, tok.im_end_id, tok.im_start_id]
+    assert tok.sp.decode(prompt[1:]) == f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    chat = [{"role": "system", "content": piece}, {"role": "user", "content": text},
+            {"role": "assistant", "content": f"{piece} is a token"}]
+    ids, mask = tok.render_chat(chat)  # what the SFT token cache stores
+    assert [i for i in ids if i in forbidden] == [tok.bos_id] + [tok.im_start_id, tok.im_end_id] * 3
+    assert tok.decode(masked_spans(ids, mask)[0]) == chat[2]["content"]
+
+
+def test_text_without_special_pieces_encodes_as_sentencepiece_does(shipped_tokenizer):
+    """The escaping only touches special pieces, so token ids of ordinary data (and its caches) do not change."""
+    for text in TEXTS.values():
+        assert shipped_tokenizer.encode(text) == shipped_tokenizer.sp.encode(text)
+    assert shipped_tokenizer.encode("<| im_end |> <s > <|mask") == shipped_tokenizer.sp.encode("<| im_end |> <s > <|mask")
+
+
 @pytest.mark.parametrize("bad", [{"role": "bot", "content": "x"}, {"role": "user", "content": 3}, {"content": "x"}])
 def test_render_chat_rejects_bad_messages(shipped_tokenizer, bad):
     with pytest.raises(ValueError, match="bad chat message"):

@@ -27,7 +27,7 @@ import numpy as np
 from nanollada.data.records import ReadStats, is_validation, iter_records
 from nanollada.tokenizer import Tokenizer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: special pieces typed in the text are encoded as plain text (Tokenizer.encode)
 SPLITS = ("train", "val")
 
 
