@@ -137,24 +137,62 @@ def test_ar_collate_sft_targets_only_on_answers(sft_items, shipped_tokenizer):
         assert tok.decode(tgt[taken].tolist()) == "".join(answers)
 
 
-def test_diffusion_collate_sft_eligible_is_response_and_eos_padding(sft_items, shipped_tokenizer):
+def expected_turn_rows(tok, conversations):
+    """LLaDA appendix B: one (prompt, answer) row per assistant turn; the prompt holds every earlier turn."""
+    rows = []
+    for j, m in enumerate(conversations):
+        if m["role"] == "assistant":
+            prompt = tok.render_chat(conversations[:j], add_generation_prompt=True)[0]
+            rows.append((prompt, tok.encode(m["content"]) + [tok.im_end_id]))
+    return rows
+
+
+def test_diffusion_collate_sft_one_row_per_answer_turn(sft_items, shipped_tokenizer):
+    """Multi-turn dialogues become one single-turn row per assistant answer (LLaDA appendix B): earlier turns are the
+    prompt, only that answer and the eos padding after it are eligible; the rows come from the same records."""
     tok = shipped_tokenizer
-    longest = max(len(it["tokens"]) for it in sft_items)
+    rows = [r for rec in SFT for r in expected_turn_rows(tok, rec["conversations"])]
+    assert len(rows) == 4  # SFT[1] has two answers
+    longest = max(len(p) + len(a) for p, a in rows)
     batch = DiffusionCollate("sft", tok.pad_id, tok.eos_id, max_len=256)(sft_items)
-    assert batch["input_ids"].shape == batch["eligible"].shape == (len(sft_items), longest + 1)
-    for b, item in enumerate(sft_items):
-        n, mask = len(item["tokens"]), item["loss_mask"]
+    assert batch["input_ids"].shape == batch["eligible"].shape == (len(rows), longest + 1)
+    for b, (prompt, answer) in enumerate(rows):
         inp, elig = batch["input_ids"][b], batch["eligible"][b]
-        assert torch.equal(inp[:n], item["tokens"]) and (inp[n:] == tok.eos_id).all() and len(inp[n:]) >= 1
-        assert torch.equal(elig[:n], mask) and elig[n:].all()
-        # Never a prompt token: every ineligible real position is bos / template / system / user text.
-        _, rendered_mask = tok.render_chat(SFT[b]["conversations"])
-        assert not elig[:n][~torch.tensor(rendered_mask)].any()
-        assert elig.sum() == mask.sum() + (len(inp) - n)
+        n = len(prompt) + len(answer)
+        assert inp[:n].tolist() == prompt + answer and (inp[n:] == tok.eos_id).all() and len(inp[n:]) >= 1
+        assert not elig[:len(prompt)].any() and elig[len(prompt):].all()
     assert (batch["doc_ids"] == 0).all()
     # Capped at max_len: the longest row then gets no eos padding, and nothing exceeds the cap.
     capped = DiffusionCollate("sft", tok.pad_id, tok.eos_id, max_len=longest)(sft_items)
     assert capped["input_ids"].shape[1] == longest
+
+
+def test_diffusion_collate_sft_every_position_after_the_prompt_is_eligible(sft_items, shipped_tokenizer):
+    """At inference everything after the prompt is masked, so in training no clean token may follow the answer: the
+    template's "\\n" after the final <|im_end|> is not in the row, eos padding follows <|im_end|> at once."""
+    tok = shipped_tokenizer
+    batch = DiffusionCollate("sft", tok.pad_id, tok.eos_id, max_len=256)(sft_items)
+    header = [tok.im_start_id] + tok.encode("assistant\n")
+    for inp, elig in zip(batch["input_ids"].tolist(), batch["eligible"].tolist()):
+        first = elig.index(True)
+        assert all(elig[first:]) and not any(elig[:first])  # eligible = one suffix of the row
+        assert inp[first - len(header):first] == header
+        end = inp.index(tok.im_end_id, first)
+        assert set(inp[end + 1:]) == {tok.eos_id}
+
+
+def test_diffusion_collate_sft_truncated_rows(shipped_tokenizer):
+    """A conversation cut before its first answer gives a row with nothing eligible (it adds zero loss); one cut
+    inside an answer gives a row with that partial answer eligible and no eos after it."""
+    tok = shipped_tokenizer
+    ids, mask = tok.render_chat(SFT[2]["conversations"])
+    cut = mask.index(True) + 3
+    items = [{"tokens": torch.tensor(ids[:5]), "loss_mask": torch.tensor(mask[:5])},
+             {"tokens": torch.tensor(ids[:cut]), "loss_mask": torch.tensor(mask[:cut])}]
+    batch = DiffusionCollate("sft", tok.pad_id, tok.eos_id, max_len=cut)(items)
+    assert batch["input_ids"].shape == (2, cut)
+    assert not batch["eligible"][0].any()
+    assert batch["input_ids"][1].tolist() == ids[:cut] and batch["eligible"][1].tolist() == mask[:cut]
 
 
 # ---------------------------------------------------------------------------------------------- readers

@@ -5,6 +5,9 @@ Dataset items (see datamodule.py):
 - sft: ``{"tokens": (n,) long, "loss_mask": (n,) bool}``, one rendered conversation (n <= L).
 
 Both paradigms see the same rows: AR trains on ``tokens[:-1] -> tokens[1:]``, diffusion denoises ``tokens[:L]``.
+SFT differs in one way: diffusion splits a conversation into one row per assistant turn (``answer_turns``), AR keeps
+the conversation as one row; both read the same cached conversations, so the records (and the validation split) are
+the same.
 Padding carries document id -1, so attention never reaches it (see ``model.document_attention_mask``); the flags
 ``needs_doc_mask`` / ``needs_pad_mask`` tell the model on the host whether a mask is needed at all.
 """
@@ -31,12 +34,23 @@ def _pad(seqs: list[torch.Tensor], length: int, value) -> torch.Tensor:
     return out
 
 
+def answer_turns(loss_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, end)`` of every assistant answer of a rendered conversation: the maximal runs of True in its loss
+    mask (content + ``<|im_end|>``; the template puts unmasked tokens between any two answers). A conversation
+    truncated inside an answer ends with that partial answer."""
+    m = torch.cat([torch.zeros(1, dtype=torch.int8), loss_mask.to(torch.int8), torch.zeros(1, dtype=torch.int8)])
+    edges = torch.diff(m)
+    return list(zip(torch.nonzero(edges == 1).flatten().tolist(), torch.nonzero(edges == -1).flatten().tolist()))
+
+
 class ARCollate:
     """Batch for next-token prediction.
 
     Returns ``input_ids`` (B, T), ``targets`` (B, T) with -100 where no loss is taken, ``doc_ids`` (B, T).
     Pretrain: every target counts. SFT: only targets under the loss mask (assistant content + ``<|im_end|>``);
-    rows are right-padded with ``pad_id`` to the longest row.
+    rows are right-padded with ``pad_id`` to the longest row. A multi-turn conversation stays one row with every
+    assistant turn in the loss: for a causal model this equals LLaDA's split into one row per turn (appendix B),
+    since token j only sees tokens < j, i.e. exactly that turn's prompt (all earlier turns) and its own prefix.
     """
 
     def __init__(self, kind: str, pad_id: int, eos_id: int, max_len: int | None = None):
@@ -59,11 +73,15 @@ class ARCollate:
 class DiffusionCollate:
     """Batch for masked diffusion.
 
-    Returns ``input_ids`` (B, T) clean tokens, ``eligible`` (B, T) bool positions that may be masked, ``doc_ids``.
-    Pretrain: all real tokens are eligible. SFT (LLaDA): the prompt is never eligible; the response (assistant
-    content + ``<|im_end|>``) and the trailing ``eos`` padding are, so the model learns where answers stop. Rows
-    are padded with eos to one past the longest row (capped at the longest possible row), so every untruncated
-    answer is followed by at least one eos.
+    Returns ``input_ids`` (R, T) clean tokens, ``eligible`` (R, T) bool positions that may be masked, ``doc_ids``.
+    Pretrain: all real tokens are eligible (R = B). SFT (LLaDA, eq. 5 and appendix B): a conversation with n
+    assistant turns becomes n single-turn rows, so R >= B (R = the batch's number of answers). Row k is the
+    conversation up to the end of answer k: every earlier turn (earlier answers included) is the prompt and is never
+    eligible; answer k (content + ``<|im_end|>``) and the ``eos`` padding after it are eligible, so the model learns
+    where answers stop. Every position after the prompt is eligible, as at inference, where everything after the
+    prompt is masked (the template's ``"\\n"`` after ``<|im_end|>`` is not part of the row). Rows are padded with eos
+    to one past the longest row (capped at ``max_len``), so every untruncated answer is followed by at least one
+    eos. A conversation truncated before its first answer gives one row with nothing eligible (zero loss).
     """
 
     def __init__(self, kind: str, pad_id: int, eos_id: int, max_len: int | None = None):
@@ -75,9 +93,16 @@ class DiffusionCollate:
             docs = torch.stack([it["doc_ids"][:-1] for it in items])
             return with_mask_flags({"input_ids": tokens, "eligible": torch.ones_like(tokens, dtype=torch.bool),
                                     "doc_ids": docs})
-        T = max(len(it["tokens"]) for it in items) + 1
+        rows, prompts = [], []  # one (conversation up to the answer's end, prompt length) per answer turn
+        for it in items:
+            turns = answer_turns(it["loss_mask"]) or [(len(it["tokens"]),) * 2]
+            for start, end in turns:
+                rows.append(it["tokens"][:end])
+                prompts.append(start)
+        T = max(len(r) for r in rows) + 1
         if self.max_len is not None:
             T = min(T, self.max_len)
-        tokens = _pad([it["tokens"] for it in items], T, self.eos_id)
-        mask = _pad([it["loss_mask"] for it in items], T, True)  # eos padding is part of the answer
-        return with_mask_flags({"input_ids": tokens, "eligible": mask, "doc_ids": torch.zeros_like(tokens)})
+        tokens = _pad(rows, T, self.eos_id)
+        eligible = torch.arange(T)[None, :] >= torch.tensor(prompts)[:, None]  # the answer and its eos padding
+        eligible &= torch.tensor([s < len(r) for s, r in zip(prompts, rows)])[:, None]  # no answer: nothing
+        return with_mask_flags({"input_ids": tokens, "eligible": eligible, "doc_ids": torch.zeros_like(tokens)})
