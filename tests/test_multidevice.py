@@ -29,7 +29,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, DATA, finish, fit_config, start_cli
+from conftest import CONFIGS, DATA, check_ok, finish, fit_config, scalars, start_cli
 
 DDP_CONFIG = CONFIGS / "multi_gpu" / "ar_pretrain_ddp.yaml"
 STEPS, B, SEQ = 4, 4, 32
@@ -61,7 +61,8 @@ def runs(tmp_path_factory):
     results = {k: finish(p, timeout=180) for k, p in procs.items()}
     for k, r in results.items():
         assert r.returncode == 0, f"{k} run failed (rc {r.returncode}):\n{r.stderr[-4000:]}"
-    return {"single": work / "single", "ddp": work / "ddp", "results": results, "seconds": time.perf_counter() - t0}
+    return {"single": work / "single", "ddp": work / "ddp", "results": results, "seconds": time.perf_counter() - t0,
+            "work": work, "cache": cache}
 
 
 def test_ddp_uses_two_gloo_processes(runs):
@@ -101,3 +102,65 @@ def test_step_count_and_data_position(runs):
         assert sorted(got) == sorted(want)
     resumed = MixtureSampler(sizes, [1.0], seed=0, start=3 * B * 2, rank=1, world_size=2)
     assert next(iter(resumed)) == next(streams[1])
+
+
+# ---------------------------------------------------------------------------------------------- validation metrics
+VAL_ROWS = 21  # odd: the two ranks' shards differ in size (11 and 10 rows)
+
+
+@pytest.fixture(scope="module")
+def validated(runs):
+    """`nanollada validate` of one checkpoint on 1 and on 2 gloo processes (each rank scores its own shard), and a
+    2-process fit with ``nonfinite_loss: skip`` (refused), all three at once."""
+    work, ckpt = runs["work"], runs["single"] / "checkpoints" / "last.ckpt"
+    cfgs = {n: fit_config(work / n, name=n, base=DDP_CONFIG, cache_dir=runs["cache"], model=MODEL, checkpoint=CKPT,
+                          trainer={**TRAINER, "limit_val_batches": 1.0, "devices": d,
+                                   **({} if d > 1 else {"strategy": "auto"})},
+                          data={**DATA_ARGS, "batch_size": B, "max_val_rows": VAL_ROWS})
+            for n, d in (("val1", 1), ("val2", 2))}
+    skip = fit_config(work / "skip", name="skip", base=DDP_CONFIG, cache_dir=runs["cache"], checkpoint=CKPT,
+                      trainer={**TRAINER, "devices": 2}, model={**MODEL, "nonfinite_loss": "skip"},
+                      data={**DATA_ARGS, "batch_size": B})
+    procs = {n: start_cli(["validate", "--config", c, "--ckpt_path", ckpt], cwd=work / n) for n, c in cfgs.items()}
+    procs["skip"] = start_cli(["fit", "--config", skip], cwd=work / "skip")
+    out = {n: finish(p, timeout=180) for n, p in procs.items()}
+    for n in cfgs:
+        check_ok(out[n], f"validate {n}")
+    return {n: {t: scalars(work / n / "logs" / n / "version_0", t) for t in ("val/nll", "val/tokens", "val/ppl")}
+            for n in cfgs} | {"skip": out["skip"], "val2_out": out["val2"]}
+
+
+def test_two_process_validation_matches_one_process(validated):
+    one, two = validated["val1"], validated["val2"]
+    out = validated["val2_out"].stdout + validated["val2_out"].stderr
+    assert "Starting with 2 processes" in out, out[-3000:]
+    # every validation row scored exactly once over the two ranks: packed rows have SEQ targets each
+    assert one["val/tokens"] == two["val/tokens"] == {0: VAL_ROWS * SEQ}
+    assert two["val/nll"][0] == pytest.approx(one["val/nll"][0], rel=1e-5)
+    assert two["val/ppl"][0] == pytest.approx(one["val/ppl"][0], rel=1e-4)
+
+
+def test_eval_loader_shards_rows_by_rank(tmp_path):
+    """Rank r of W validates rows r, r + W, r + 2W, ... of the (capped) validation set: a partition, in order."""
+    from types import SimpleNamespace
+
+    from nanollada.data.datamodule import LMDataModule
+    from nanollada.lm import ARLM
+    dm = LMDataModule([str(DATA / "pretrain.jsonl")], seq_len=SEQ, batch_size=3, val_fraction=0.05, max_val_rows=10,
+                      cache_dir=str(tmp_path / "cache"))
+    dm.setup("validate")
+    module = ARLM(preset="tiny", max_seq_len=64)
+    full = [row["tokens"] for row in dm.val_set]
+    shards = []
+    for rank in range(3):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=3, lightning_module=module)
+        shards.append([row["tokens"] for row in dm.val_dataloader().dataset])
+    assert [len(s) for s in shards] == [4, 3, 3]
+    for rank, shard in enumerate(shards):
+        assert all(torch.equal(a, b) for a, b in zip(shard, full[rank::3], strict=True))
+
+
+def test_nonfinite_skip_is_refused_on_several_devices(validated):
+    r = validated["skip"]
+    assert r.returncode != 0
+    assert "nonfinite_loss: skip is not supported with several devices" in r.stderr, r.stderr[-3000:]

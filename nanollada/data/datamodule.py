@@ -178,10 +178,17 @@ class LMDataModule(L.LightningDataModule):
                           persistent_workers=self.hparams.num_workers > 0)
 
     def _eval_loader(self) -> DataLoader:
+        """The validation rows of this rank: rows r, r + W, r + 2W, ... (the CLI sets ``use_distributed_sampler:
+        false``), so the ranks' shards partition the rows and the summed metrics equal one process's.
+        ``trainer.limit_val_batches`` caps batches per rank; ``max_val_rows`` is the cap that ignores the device count.
+        """
         if len(self.val_set) == 0:
             raise ValueError(f"no validation rows in {self.files} (val_fraction={self.hparams.val_fraction}); "
                              "raise val_fraction or give longer files")
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rows = self.val_set if world == 1 else torch.utils.data.Subset(self.val_set,
+                                                                       range(rank, len(self.val_set), world))
+        return DataLoader(rows, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
                           num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:

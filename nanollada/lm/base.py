@@ -16,6 +16,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torchmetrics import SumMetric
 
 from nanollada.checkpoint import AtomicCheckpointIO
 from nanollada.loading import LoadedModel, backbone_state, load_checkpoint, read_checkpoint  # noqa: F401
@@ -95,6 +96,9 @@ class LanguageModel(L.LightningModule):
         object.__setattr__(self, "forward_model", torch.compile(self.model) if compile else self.model)
         self._tok_count, self._tok_time = 0, None
         self._nonfinite, self._skipped = None, 0
+        # Validation/test sums over this rank's shard of the rows, summed over ranks by torchmetrics at the epoch end
+        # (float64: token counts and nats stay exact far beyond float32's 2**24). Metric states are not saved.
+        self.eval_nll, self.eval_tokens = SumMetric().set_dtype(torch.float64), SumMetric().set_dtype(torch.float64)
 
     # ---------------------------------------------------------------- weights
     def load_weights_from(self, path: str) -> dict[str, list[str]]:
@@ -200,17 +204,18 @@ class LanguageModel(L.LightningModule):
         self._check_finite()
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_nll = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._eval_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        for m in (self.eval_nll, self.eval_tokens):
+            m.reset()
+            m.update(zero)  # a rank whose shard is empty still takes part in the sum
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         nll, n = self.eval_sums(batch, batch_idx)
-        self._eval_nll += nll.double()
-        self._eval_tokens += n.double()
+        self.eval_nll.update(nll.double())
+        self.eval_tokens.update(n.double())
 
     def _log_eval(self, prefix: str) -> None:
-        nll = self.trainer.strategy.reduce(self._eval_nll, reduce_op="sum")
-        n = self.trainer.strategy.reduce(self._eval_tokens, reduce_op="sum")
+        nll, n = self.eval_nll.compute(), self.eval_tokens.compute()  # summed over every rank's shard
         per_token = (nll / n.clamp(min=1)).float()
         self.log_dict({f"{prefix}/loss": per_token, f"{prefix}/nll": per_token, f"{prefix}/ppl": per_token.exp(),
                        f"{prefix}/tokens": n.float()}, prog_bar=True)
@@ -226,6 +231,12 @@ class LanguageModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Make plain torch checkpoint writes atomic (strategies with their own IO, e.g. FSDP, are left alone)."""
+        if stage == "fit" and self.hparams.nonfinite_loss == "skip" and self.trainer.world_size > 1:
+            # Lightning documents returning None from training_step as unsupported with several devices: one rank
+            # skipping its backward leaves the others waiting in the gradient all-reduce.
+            raise ValueError(f"model.nonfinite_loss: skip is not supported with several devices (world_size="
+                             f"{self.trainer.world_size}): a skipped batch on one rank would hang the others; use "
+                             "nonfinite_loss: error")
         io = getattr(self.trainer.strategy, "checkpoint_io", None)
         if type(io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
