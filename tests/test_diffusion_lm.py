@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanollada.data.collate import DiffusionCollate
-from nanollada.lm.diffusion import MaskedDiffusionLM, masked_diffusion_loss
+from nanollada.lm.diffusion import MaskedDiffusionLM, eos_padding_weights, masked_diffusion_loss
 from nanollada.noise import (EPS, ClippedBand, IIDTime, StratifiedTime, WSDMaskRatio, apply_random_mask,
                              mask_probability)
 
@@ -147,6 +147,75 @@ def test_sft_loss_is_normalised_by_answer_length():
     eligible[1, 2:] = True  # answer of 8
     loss = masked_diffusion_loss(logits, ids, eligible, eligible, torch.ones(2))
     assert loss == pytest.approx(math.log(V), rel=1e-5)  # each row: (n * lnV) / n
+
+
+def sft_batch(tok):
+    """Two single-turn SFT rows from DiffusionCollate: the shorter one ends in several eos padding tokens."""
+    chats = [[{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four, I think."}],
+             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
+    items = [dict(zip(("tokens", "loss_mask"), map(torch.tensor, tok.render_chat(c)))) for c in chats]
+    return DiffusionCollate("sft", tok.pad_id, tok.eos_id)(items)
+
+
+def test_eos_padding_weights_mark_the_padding_beyond_the_first_eos(shipped_tokenizer):
+    tok = shipped_tokenizer
+    batch = sft_batch(tok)
+    ids, eligible = batch["input_ids"], batch["eligible"]
+    w = eos_padding_weights(ids, eligible, tok.eos_id, 0.25)
+    for row, elig, wr in zip(ids.tolist(), eligible.tolist(), w.tolist()):
+        first = row.index(tok.eos_id)
+        assert row[first - 1] == tok.im_end_id and elig[first]
+        assert wr[:first + 1] == [1.0] * (first + 1) and wr[first + 1:] == [0.25] * (len(row) - first - 1)
+    assert (w[1] == 0.25).sum() >= 3  # the short answer has several extra eos
+
+
+def test_weighted_loss_formula():
+    V, B, T = 11, 3, 9
+    logits = torch.randn(B, T, V, generator=gen(1))
+    ids = torch.randint(0, V, (B, T), generator=gen(2))
+    eligible = torch.zeros(B, T, dtype=torch.bool)
+    eligible[:, 3:] = True
+    eligible[2] = False  # nothing eligible: left out of the mean
+    masked = eligible & (torch.rand(B, T, generator=gen(3)) < 0.6)
+    p = torch.tensor([0.6, 0.5, 0.4])
+    w = torch.ones(B, T)
+    w[:, 6:] = 0.3
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(B, T)
+    rows = [(ce[b] * masked[b] * w[b]).sum() / p[b] / (eligible[b] * w[b]).sum() for b in range(2)]
+    got = masked_diffusion_loss(logits, ids, masked, eligible, p, weights=w)
+    assert got == pytest.approx(sum(rows).item() / 2, rel=1e-5)
+    assert masked_diffusion_loss(logits, ids, masked, eligible, p, weights=torch.ones(B, T)) == \
+        masked_diffusion_loss(logits, ids, masked, eligible, p)
+
+
+class AllMasked(IIDTime):
+    def __call__(self, batch_size, step=0, generator=None, device="cpu"):
+        return torch.ones(batch_size, device=device)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.0, 0.5])
+def test_eos_pad_weight_reaches_the_training_loss(shipped_tokenizer, weight):
+    """At t = 1 every eligible token is masked, so the loss is exactly sum w CE / sum w per row (eq. 5 at w = 1)."""
+    import lightning as L
+    tok = shipped_tokenizer
+    lm = MaskedDiffusionLM(preset="tiny", max_seq_len=64, mask_ratio=AllMasked(), random_length_prob=0.0,
+                           eos_pad_weight=weight)
+    assert lm.hparams.eos_pad_weight == weight
+    lm.trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    lm.log = lambda *a, **k: None
+    batch = sft_batch(tok)
+    ids, eligible = batch["input_ids"], batch["eligible"]
+    with torch.no_grad():
+        loss = lm.training_loss(batch, 0)
+        logits = lm.forward_model(torch.where(eligible, tok.mask_id, ids), attn_mask=lm.attention_mask(batch))
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
+    w = eligible * eos_padding_weights(ids, eligible, tok.eos_id, weight)
+    assert loss.item() == pytest.approx(((ce * w).sum(1) / w.sum(1)).mean().item(), rel=1e-4)
+
+
+def test_eos_pad_weight_is_checked():
+    with pytest.raises(ValueError, match="eos_pad_weight"):
+        MaskedDiffusionLM(preset="tiny", max_seq_len=64, eos_pad_weight=-0.1)
 
 
 def zero_logit_model():

@@ -6,7 +6,12 @@ eligible token with probability ``p_mask = (1 - eps) t + eps``, and take
     loss_row = sum_{masked i} CE(x_i | x_t) / p_mask  /  n_eligible_row,     loss = mean over rows.
 
 In pretraining every token is eligible, so this is eq. 3's ``1/(B L)`` normalisation; in SFT only the response and
-its eos padding are eligible, so it is eq. 5's per-answer-length normalisation -- one formula, no flag.
+its eos padding are eligible, so it is eq. 5's per-answer-length normalisation -- one formula, no flag. A row in
+which no token was drawn for masking contributes 0 (LLaDA divides by the batch size all the same), so the loss is
+an unbiased estimate of the eq. 3 / eq. 5 objective.
+
+``eos_pad_weight`` (default 1 = LLaDA) is an optional deviation for SFT: it down-weights the eos padding beyond
+an answer's first eos, both in the sum and in the answer length it is divided by.
 
 Validation reports a Monte-Carlo estimate of the negative ELBO (an upper bound on the NLL) with fixed seeds and
 stratified t as ``val/nll`` and ``val/ppl``, on the same rows and scale as the AR model's exact values.
@@ -24,16 +29,30 @@ from nanollada.noise import IIDTime, MaskRatioSampler, apply_random_mask, mask_p
 
 
 def masked_diffusion_loss(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, eligible: torch.Tensor,
-                          p_mask: torch.Tensor) -> torch.Tensor:
+                          p_mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """LLaDA eq. 3 / eq. 5 loss: logits (B, T, V), clean ids (B, T), masked/eligible bool (B, T), p_mask (B,).
 
     Per row: sum over masked positions of CE / p_mask, divided by the row's eligible count; then the mean over rows
-    that have eligible tokens. Computed densely (no boolean indexing), so it never syncs with the device.
+    that have eligible tokens. Optional ``weights`` (B, T) float weigh each position in the sum and in the count
+    (``eos_padding_weights``; None = all 1, LLaDA). Computed densely (no boolean indexing), so it never syncs with
+    the device.
     """
     ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
-    per_row = (ce * masked / p_mask[:, None]).sum(1) / eligible.sum(1).clamp(min=1)
+    if weights is None:
+        per_row = (ce * masked / p_mask[:, None]).sum(1) / eligible.sum(1).clamp(min=1)
+    else:  # a row with eligible tokens weighs >= 1 (its first eligible token has weight 1)
+        per_row = (ce * masked * weights / p_mask[:, None]).sum(1) / (eligible * weights).sum(1).clamp(min=1)
     has_loss = eligible.any(1)
     return (per_row * has_loss).sum() / has_loss.sum().clamp(min=1)
+
+
+def eos_padding_weights(ids: torch.Tensor, eligible: torch.Tensor, eos_id: int, weight: float) -> torch.Tensor:
+    """(B, T) float: ``weight`` on every eligible eos that follows an eligible eos (the SFT padding beyond an
+    answer's first eos), 1 elsewhere. Pretraining rows never hold two eos in a row, so they are unaffected."""
+    eos = eligible & (ids == eos_id)
+    beyond = torch.zeros_like(eos)
+    beyond[:, 1:] = eos[:, 1:] & eos[:, :-1]
+    return torch.where(beyond, weight, 1.0).to(torch.float32)
 
 
 class MaskedDiffusionLM(LanguageModel):
@@ -51,6 +70,12 @@ class MaskedDiffusionLM(LanguageModel):
         embed_noise_steps: Number of optimizer steps during which that noise is added.
         noise_seed: Seed of the training masks; each step's masks depend only on (noise_seed, step, rank),
             so a resumed run draws exactly the masks an uninterrupted one would.
+        eos_pad_weight: Training weight, in [0, 1], of the SFT eos padding beyond an answer's first eos (in the
+            loss sum and in the answer length it is divided by). 1.0 (default) is LLaDA: all padding counts as
+            answer, so the model learns to fill the rest of the canvas with eos (for short answers most of the loss is
+            then on padding, which pushes the sampler towards committing eos early). Below 1 is a deviation from LLaDA: the first eos (where to
+            stop) keeps full weight, the rest counts less (0 = not learnt). Validation (``val/nll``) stays the
+            unweighted ELBO.
         **kwargs: Backbone, optimizer and schedule arguments of ``LanguageModel``.
     """
 
@@ -60,10 +85,12 @@ class MaskedDiffusionLM(LanguageModel):
 
     def __init__(self, mask_ratio: MaskRatioSampler | None = None, random_length_prob: float = 0.01,
                  val_samples: int = 4, val_seed: int = 1234, embed_noise_std: float = 0.0,
-                 embed_noise_steps: int = 0, noise_seed: int = 0, **kwargs):
+                 embed_noise_steps: int = 0, noise_seed: int = 0, eos_pad_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= random_length_prob <= 1.0:
             raise ValueError(f"random_length_prob must be in [0, 1], got {random_length_prob}")
+        if not 0.0 <= eos_pad_weight <= 1.0:
+            raise ValueError(f"eos_pad_weight must be in [0, 1], got {eos_pad_weight}")
         if val_samples < 1:
             raise ValueError(f"val_samples must be >= 1, got {val_samples}")
         self.mask_ratio = mask_ratio if mask_ratio is not None else IIDTime()
@@ -94,7 +121,9 @@ class MaskedDiffusionLM(LanguageModel):
             noise = torch.randn(embeds.shape, generator=g, device=self.device, dtype=embeds.dtype)
             embeds = embeds + h.embed_noise_std * noise * masked[..., None]
         logits = self.forward_model(noisy, attn_mask=attn_mask, inputs_embeds=embeds)
-        loss = masked_diffusion_loss(logits, ids, masked, eligible, p_mask)
+        weights = None if h.eos_pad_weight == 1.0 else \
+            eos_padding_weights(ids, eligible, self.tokenizer.eos_id, h.eos_pad_weight)
+        loss = masked_diffusion_loss(logits, ids, masked, eligible, p_mask, weights)
         self.log("train/mask_ratio", masked.sum() / eligible.sum().clamp(min=1), on_step=True)
         return loss
 
