@@ -132,17 +132,41 @@ def key_padding_mask(real: torch.Tensor) -> torch.Tensor | None:
     return document_attention_mask(torch.where(real, 0, -1), causal=False)
 
 
+def _group_draws(groups: list, target_ids: list[list[int]], num_samples: int,
+                 generator: torch.Generator | None) -> tuple[list[int], torch.Tensor, list[torch.Tensor]]:
+    """Per group: one u ~ U(0, 1) (sets l_0) and ``num_samples`` rank-score rows over its longest target.
+
+    Returns (group index of every pair, u (G,), scores: G tensors (num_samples, L_max of the group)), on the CPU."""
+    index: dict = {}
+    owner = [index.setdefault(g, len(index)) for g in groups]
+    longest = [0] * len(index)
+    for j, t in zip(owner, target_ids):
+        longest[j] = max(longest[j], len(t))
+    u = _rand((len(index),), generator, torch.device("cpu"))
+    scores = [_rand((num_samples, n), generator, torch.device("cpu")) for n in longest]
+    return owner, u, scores
+
+
 @torch.no_grad()
 def diffusion_conditional_logprob(model, context_ids: list[list[int]], target_ids: list[list[int]], mask_id: int,
                                   pad_id: int, *, num_samples: int = 32, generator: torch.Generator | None = None,
-                                  batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                                  batch_size: int = 16, groups: list[int] | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """LLaDA's Monte-Carlo estimate of log p(target | context): returns (logprob (N,) float64, n_tokens (N,) long).
 
     Per item with L target tokens and each sample k = 0..num_samples-1: l_k = ((round(l_0 + k L / num_samples) - 1)
-    mod L) + 1 with l_0 ~ U{1..L} per item (LLaDA's stratified ``linspace``, so the l_k spread evenly over 1..L);
-    exactly l_k of the L target tokens are masked uniformly at random, the context is never masked, and the sample
-    scores -sum_{masked} CE * L / l_k. Samples are averaged. Its expectation is LLaDA's eq. 6 bound (a lower
-    bound on log p under a perfect-training assumption); with all-zero logits it is -L ln V exactly for any draw.
+    mod L) + 1 with l_0 = floor(u L) + 1, u ~ U(0, 1) (so l_0 ~ U{1..L}; LLaDA's stratified ``linspace``, so the l_k
+    spread evenly over 1..L); exactly l_k of the L target tokens are masked uniformly at random (the l_k lowest of L
+    U(0, 1) rank scores), the context is never masked, and the sample scores -sum_{masked} CE * L / l_k. Samples are
+    averaged. Its expectation is LLaDA's eq. 6 bound (a lower bound on log p under a perfect-training assumption);
+    with all-zero logits it is -L ln V exactly for any draw.
+
+    ``groups`` (an item id per pair, e.g. the question a choice belongs to) makes the pairs of one group share their
+    Monte-Carlo draws: one u (so pairs of equal target length get the same l_k, and l_k / L stays close otherwise)
+    and, per sample, one rank score per target position (position j of every target of the group gets the same
+    score), so the choices of an item are compared on the same noise and the estimator's noise largely cancels in
+    their differences. Each pair's own draws have exactly the distribution above, so every estimate stays
+    unbiased. With groups the results do not depend on ``batch_size``; ``groups=None`` draws per mini-batch.
 
     Args:
         model: A bidirectional ``Transformer`` (``causal=False``).
@@ -150,27 +174,43 @@ def diffusion_conditional_logprob(model, context_ids: list[list[int]], target_id
             key-padding mask keeps padding out of every real token's attention.
         mask_id: The mask token id.
         num_samples: Monte-Carlo samples per item (LLaDA uses 128 for multiple choice).
-        generator: Seeds every draw (results also depend on ``batch_size``, which groups the draws).
+        generator: Seeds every draw (without ``groups`` results also depend on ``batch_size``, which groups the
+            draws).
         batch_size: Items per forward.
+        groups: Optional group id per item (N entries); None = independent draws per item.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if any(len(t) == 0 for t in target_ids):
         raise ValueError("every target needs at least one token")
+    if groups is not None and len(groups) != len(target_ids):
+        raise ValueError(f"{len(groups)} groups for {len(target_ids)} items")
     device = _device(model)
     N = len(context_ids)
     logprob = torch.zeros(N, dtype=torch.float64)
     counts = torch.tensor([len(t) for t in target_ids], dtype=torch.long)
-    for index in _batches(context_ids, target_ids, batch_size):
+    batches = _batches(context_ids, target_ids, batch_size)
+    if groups is not None:
+        owner, group_u, group_scores = _group_draws(groups, target_ids, num_samples, generator)
+    for index in batches:
         ids, real, target = _pad_pairs(context_ids, target_ids, index, pad_id, device)
         B, T = ids.shape
         attn_mask = key_padding_mask(real)
         L = target.sum(1)  # (B,)
-        l0 = (_rand((B,), generator, device) * L).floor().long().clamp(max=L - 1) + 1  # U{1..L}
+        if groups is None:
+            u = _rand((B,), generator, device)
+        else:
+            u = group_u[[owner[i] for i in index]].to(device)
+            shared = torch.full((num_samples, B, T), 2.0)  # non-targets rank last
+            for b, i in enumerate(index):
+                c = len(context_ids[i])
+                shared[:, b, c: c + len(target_ids[i])] = group_scores[owner[i]][:, :len(target_ids[i])]
+            shared = shared.to(device)
+        l0 = (u * L).floor().long().clamp(max=L - 1) + 1  # U{1..L}
         total = torch.zeros(B, dtype=torch.float64, device=device)
         for k in range(num_samples):
             l = ((torch.round(l0 + k * L.double() / num_samples).long() - 1) % L) + 1  # (B,) in 1..L
-            score = _rand((B, T), generator, device).masked_fill(~target, 2.0)  # non-targets rank last
+            score = _rand((B, T), generator, device).masked_fill(~target, 2.0) if groups is None else shared[k]
             rank = score.argsort(1).argsort(1)
             masked = rank < l[:, None]  # exactly l random target positions
             noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
