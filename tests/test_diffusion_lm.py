@@ -246,15 +246,15 @@ def test_diffusion_model_is_bidirectional_and_ar_init_matches_every_tensor(tmp_p
     ckpt = {"state_dict": ar.state_dict(), "nanollada": {"paradigm": "ar", "tokenizer_fingerprint":
                                                          ar.tokenizer.fingerprint()}}
     torch.save(ckpt, path)
-    dm = MaskedDiffusionLM(preset="tiny", max_seq_len=64, init_from=str(path))
-    report = dm.init_report
+    dm = MaskedDiffusionLM(preset="tiny", max_seq_len=64)
+    report = dm.load_weights_from(str(path))  # what init_from does when a fresh fit starts
     assert set(report["matched"]) == set(ar.model.state_dict()) and not report["missing"]
     assert torch.equal(dm.model.embed.weight, ar.model.embed.weight)
     # a different shape is reported, not silently copied
-    dm2 = MaskedDiffusionLM(preset="tiny", max_seq_len=64, d_model=64, init_from=str(path))
-    assert dm2.init_report["shape_mismatch"] and "embed.weight" not in dm2.init_report["matched"]
+    report2 = MaskedDiffusionLM(preset="tiny", max_seq_len=64, d_model=64).load_weights_from(str(path))
+    assert report2["shape_mismatch"] and "embed.weight" not in report2["matched"]
     # another tokenizer is refused
     ckpt["nanollada"]["tokenizer_fingerprint"] = "0123456789abcdef"
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match="tokenizer"):
-        MaskedDiffusionLM(preset="tiny", max_seq_len=64, init_from=str(path))
+        MaskedDiffusionLM(preset="tiny", max_seq_len=64).load_weights_from(str(path))

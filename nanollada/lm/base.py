@@ -61,7 +61,10 @@ class LanguageModel(L.LightningModule):
         betas: AdamW betas.
         document_attention: Confine attention to each packed document (padding is always excluded).
         init_from: Checkpoint to initialise from by weight-matching load (e.g. SFT from pretraining, diffusion from
-            AR); tensors whose name and shape match are copied, the rest are reported.
+            AR); tensors whose name and shape match are copied, the rest are reported. Read when a fresh ``fit``
+            starts, never when the model is built: ``validate``/``test`` and a ``--ckpt_path`` resume (whose
+            weights come from that checkpoint) do not open it, so it may have moved. (FSDP/DeepSpeed shard the
+            weights before Lightning restores a checkpoint, so there it is read at setup, before sharding.)
         compile: Wrap the backbone in ``torch.compile``.
         nonfinite_loss: ``error`` stops the run with a clear message when a loss is NaN/inf (checked every
             ``log_every_n_steps`` steps, so the step never waits on the device); ``skip`` checks every step (one
@@ -88,9 +91,8 @@ class LanguageModel(L.LightningModule):
         self.config = ModelConfig.from_preset(preset, vocab_size=self.tokenizer.vocab_size, max_seq_len=max_seq_len,
                                               causal=self.causal, **overrides)
         self.model = Transformer(self.config)
-        self.init_report = None
-        if init_from:
-            self.init_report = self.load_weights_from(init_from)
+        self.init_report = None  # load_weights_from's report, once a fresh fit has read init_from
+        self._restored = False  # weights came from a checkpoint (trainer restore or load_from_checkpoint)
         # Not registered as a submodule (object.__setattr__): the checkpoint holds each weight once, under
         # "model.", whether or not the run was compiled.
         object.__setattr__(self, "forward_model", torch.compile(self.model) if compile else self.model)
@@ -113,6 +115,18 @@ class LanguageModel(L.LightningModule):
               f"missing {report['missing']}, unexpected {report['unexpected']}, "
               f"shape mismatch {report['shape_mismatch']}")
         return report
+
+    def _load_init_from(self) -> None:
+        """Copy ``init_from``'s matching tensors into the backbone in place (the optimizer's parameter references
+        stay valid), unless the weights were restored from a checkpoint: then the file is not opened at all."""
+        if self._restored or self.trainer.ckpt_path:
+            print(f"[nanollada] init_from {self.hparams.init_from} not read: weights restored from "
+                  f"{self.trainer.ckpt_path or 'a checkpoint'}")
+            return
+        self.init_report = self.load_weights_from(self.hparams.init_from)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nanollada"] = {
@@ -240,6 +254,8 @@ class LanguageModel(L.LightningModule):
         io = getattr(self.trainer.strategy, "checkpoint_io", None)
         if type(io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "fit" and self.hparams.init_from and self.trainer.strategy.restore_checkpoint_after_setup:
+            self._load_init_from()  # FSDP / DeepSpeed: before the weights are sharded (a resume overwrites them)
 
     def on_fit_start(self) -> None:
         print(f"[nanollada] {type(self).__name__}: {self.model.num_params() / 1e6:.2f}M parameters "
@@ -250,3 +266,7 @@ class LanguageModel(L.LightningModule):
         if tok is not None and tok.fingerprint() != self.tokenizer.fingerprint():
             raise ValueError(f"data tokenizer {tok.path} differs from the model's {self.tokenizer.path}; "
                              "set data.tokenizer (linked to model.tokenizer) to one file")
+        # After Lightning restored a --ckpt_path (trainer.ckpt_path is known only from then on) and after the
+        # optimizer was built: the weights are copied into the tensors it holds.
+        if self.hparams.init_from and not self.trainer.strategy.restore_checkpoint_after_setup:
+            self._load_init_from()
