@@ -46,7 +46,7 @@ class Method:
 
 
 def _ar(use_kv_cache: bool):
-    def run(model, prompt, G):
+    def run(model, prompt, G, mask_id=None):
         from nanollada.sampling.ar import ar_generate
         B, P = prompt.shape
         out = ar_generate(model, prompt, max_new_tokens=G, temperature=0.0, eos_id=None, use_kv_cache=use_kv_cache)
@@ -125,9 +125,7 @@ def load_models(args, device) -> tuple[dict, object, str]:
 
 
 def measure(method: Method, model, prompt, G, mask_id, repeats: int) -> dict:
-    call = (lambda: method.run(model, prompt, G)) if method.paradigm == "ar" else \
-        (lambda: method.run(model, prompt, G, mask_id))
-    runs = [call() for _ in range(repeats)]
+    runs = [method.run(model, prompt, G, mask_id) for _ in range(repeats)]
     best = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "first")}
     r = runs[0]
     B = prompt.shape[0]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-PARADIGMS = ("ar", "diffusion")
+PARADIGMS = ("ar", "diffusion")  # keys of nanollada.lm.LM_CLASSES
 
 
 class RandomPackedRows(Dataset):
@@ -102,9 +103,7 @@ def lightning_run(lm, loader, args, device) -> float:
 
 def bare_run(lm, loader, args, device) -> float:
     """The same steps in plain PyTorch: forward, loss, backward, clip, AdamW, LR schedule."""
-    from nanollada.data.collate import IGNORE_INDEX
     from nanollada.lm.base import lr_factor
-    from nanollada.noise import apply_random_mask, mask_probability
 
     lm = lm.to(device).train()
     model, fwd, h = lm.model, lm.forward_model, lm.hparams
@@ -119,7 +118,7 @@ def bare_run(lm, loader, args, device) -> float:
     params = list(model.parameters())
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
                 else contextlib.nullcontext())
-    sync, diffusion = make_sync(device), lm.paradigm == "diffusion"
+    sync, loss_fn = make_sync(device), BARE_LOSS[type(lm).__name__]
     it = iter(loader)
     t0 = None
     for step in range(total):
@@ -130,18 +129,7 @@ def bare_run(lm, loader, args, device) -> float:
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         mask = lm.attention_mask(batch)  # the module's own document/padding mask (None when not needed)
         with autocast:
-            if diffusion:
-                ids, eligible = batch["input_ids"], batch["eligible"]
-                g = torch.Generator(device=device).manual_seed(h.noise_seed * 1_000_003 + step)
-                t = lm.mask_ratio(ids.shape[0], step, g, device)
-                p_mask = mask_probability(t)
-                noisy, masked = apply_random_mask(ids, eligible, p_mask, lm.mask_id, g)
-                logits = fwd(noisy, attn_mask=mask)
-                ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
-                loss = ((ce * masked / p_mask[:, None]).sum(1) / eligible.sum(1).clamp(min=1)).mean()
-            else:
-                logits = fwd(batch["input_ids"], attn_mask=mask)
-                loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
+            loss = loss_fn(lm, fwd, batch, mask, step, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip:
@@ -152,14 +140,39 @@ def bare_run(lm, loader, args, device) -> float:
     return time.perf_counter() - t0
 
 
+def ar_bare_loss(lm, fwd, batch, mask, step, device):
+    """Next-token cross-entropy, as ``ARLM.training_loss``."""
+    from nanollada.data.collate import IGNORE_INDEX
+    logits = fwd(batch["input_ids"], attn_mask=mask)
+    return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def diffusion_bare_loss(lm, fwd, batch, mask, step, device):
+    """LLaDA eq. 3 with the module's own mask sampler, as ``MaskedDiffusionLM.training_loss``."""
+    from nanollada.noise import apply_random_mask, mask_probability
+    ids, eligible, h = batch["input_ids"], batch["eligible"], lm.hparams
+    g = torch.Generator(device=device).manual_seed(h.noise_seed * 1_000_003 + step)
+    t = lm.mask_ratio(ids.shape[0], step, g, device)
+    p_mask = mask_probability(t)
+    noisy, masked = apply_random_mask(ids, eligible, p_mask, lm.mask_id, g)
+    logits = fwd(noisy, attn_mask=mask)
+    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
+    return ((ce * masked / p_mask[:, None]).sum(1) / eligible.sum(1).clamp(min=1)).mean()
+
+
+# The bare loop's loss per LightningModule class (the Lightning path calls the module's own training_step).
+BARE_LOSS = {"ARLM": ar_bare_loss, "MaskedDiffusionLM": diffusion_bare_loss}
+
+
 def build(preset: str, paradigm: str, args):
-    from nanollada.lm import ARLM, MaskedDiffusionLM
+    from nanollada.lm import LM_CLASSES
     torch.manual_seed(args.seed)
     kw = dict(preset=preset, max_seq_len=max(args.seq_len, 64), lr=args.lr, warmup_steps=args.warmup,
               schedule="cosine", compile=args.compile)
-    if paradigm == "ar":
-        return ARLM(**kw)
-    return MaskedDiffusionLM(random_length_prob=0.0, **kw)  # full-length rows in both paths
+    cls = LM_CLASSES[paradigm]
+    if "random_length_prob" in inspect.signature(cls.__init__).parameters:
+        kw["random_length_prob"] = 0.0  # full-length rows in both paths
+    return cls(**kw)
 
 
 def bench(preset: str, paradigm: str, args, device) -> dict:

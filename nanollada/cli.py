@@ -1,8 +1,9 @@
-"""The ``nanollada`` command: LightningCLI's fit/validate/test plus the project's own commands.
+"""The ``nanollada`` command: LightningCLI's fit/validate/test/predict plus the project's own commands.
 
     nanollada fit --config configs/tiny/ar_pretrain.yaml       # train (LightningCLI)
     nanollada validate|test --config ... --ckpt_path ...       # score a checkpoint on the validation rows
-    nanollada predict --ckpt ... --prompt "..."                # sample from a checkpoint (AR or diffusion)
+    nanollada predict --config ... --ckpt_path C --data.predict_file prompts.txt --output out.jsonl   # LightningCLI
+    nanollada predict --ckpt C --prompt "..."                  # the quick form: no config, same code underneath
     nanollada tokenizer train --input a.jsonl --vocab-size 8192 --output dir
 """
 
@@ -16,14 +17,36 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from nanollada.data.datamodule import LMDataModule
 from nanollada.lm.base import LanguageModel
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 class NanoLLaDACLI(LightningCLI):
-    """LightningCLI with the tokenizer shared by data and model (one setting: ``data.tokenizer``)."""
+    """LightningCLI with the tokenizer shared by data and model (one setting: ``data.tokenizer``).
+
+    ``predict`` also takes every ``GenerationSettings`` field as ``--generation.*`` and ``--output FILE``: the model's
+    ``predict_step`` samples with those settings and a ``JSONLPredictionWriter`` writes one line per prompt."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tokenizer", "model.init_args.tokenizer")
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            from nanollada.generate import GenerationSettings
+            parser.add_class_arguments(GenerationSettings, "generation", instantiate=False)
+            parser.add_argument("--output", type=str, default="predictions.jsonl",
+                                help="JSONL file for the answers, one line per prompt in input order")
+        return parser
+
+    def before_predict(self) -> None:
+        from nanollada.generate import GenerationSettings
+        from nanollada.prediction import JSONLPredictionWriter
+        cfg = self.config["predict"]
+        try:
+            self.model.generation = GenerationSettings(**cfg["generation"].as_dict())
+        except ValueError as e:
+            raise SystemExit(f"nanollada predict: {e}".replace("--", "--generation.", 1))
+        self.trainer.callbacks.append(JSONLPredictionWriter(cfg["output"]))
 
 
 def lightning_main(command: str, args: list[str] | None) -> None:
@@ -46,7 +69,9 @@ def usage() -> str:
     lines += [f"  {c:<10} {d}" for c, d in (
         ("fit", "train a model from a YAML config (LightningCLI)"),
         ("validate", "score a checkpoint on the validation rows (LightningCLI)"),
-        ("test", "like validate, logged under test/ (LightningCLI)"))]
+        ("test", "like validate, logged under test/ (LightningCLI)"),
+        ("predict", "sample answers: --config C --ckpt_path K --data.predict_file F (LightningCLI), or --ckpt K "
+                    "--prompt P"))]
     lines += [f"  {c:<10} {fn.__doc__.strip().splitlines()[0]}" for c, fn in extra_commands().items()]
     return "\n".join(lines)
 
@@ -59,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         return
     command, rest = argv[0], argv[1:]
+    if command == "predict" and not any(a == "--config" or a.startswith(("--config=", "--ckpt_path")) for a in rest):
+        from nanollada.commands import predict_command  # the quick form: --ckpt C --prompt P
+        predict_command(rest)
+        return
     if command in LIGHTNING_COMMANDS:
         lightning_main(command, None if from_shell else [command] + rest)
         return

@@ -64,36 +64,19 @@ def _settings_parser(prog: str, doc: str):
 
 def _settings(cfg):
     from nanollada.generate import GenerationSettings
-    return GenerationSettings(**{f: cfg[f] for f in GenerationSettings.__dataclass_fields__})
+    try:
+        return GenerationSettings(**{f: cfg[f] for f in GenerationSettings.__dataclass_fields__})
+    except ValueError as e:
+        raise SystemExit(str(e))
 
 
 def read_prompts(prompts: list[str], path: str | None) -> list[str]:
-    """Prompts from the command line and/or a file, with clear errors for unreadable or empty input."""
-    import json
-    out = list(prompts)
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    if path.endswith(".jsonl"):
-                        try:
-                            out.append(json.loads(line)["prompt"])
-                        except (ValueError, KeyError, TypeError):
-                            raise SystemExit(f"{path}:{lineno}: expected a JSON object with a 'prompt' field")
-                    else:
-                        out.append(line.rstrip("\n"))
-        except FileNotFoundError:
-            raise SystemExit(f"prompts file not found: {path}")
-        except UnicodeDecodeError as e:
-            raise SystemExit(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})")
-    if not out:
-        raise SystemExit("no prompts: give --prompt TEXT or --prompts_file FILE")
-    for i, p in enumerate(out):
-        if not isinstance(p, str) or not p.strip():
-            raise SystemExit(f"prompt {i + 1} is empty")
-    return out
+    """Prompts from the command line and/or a file (``prediction.read_prompts``), errors as one line."""
+    from nanollada.prediction import read_prompts as read
+    try:
+        return read(prompts, path)
+    except ValueError as e:
+        raise SystemExit(str(e))
 
 
 def _device(name: str) -> str:
@@ -112,32 +95,36 @@ def _load(path: str, device: str):
 
 
 def predict_command(argv: list[str]) -> None:
-    """sample from an AR or diffusion checkpoint and write JSONL (prompt, completion, tokens, seconds)"""
+    """sample from a checkpoint of any paradigm and write JSONL (prompt, completion, tokens, seconds)"""
     import json
     import sys
 
     from nanollada.generate import generate_text
-    parser = _settings_parser("nanollada predict", predict_command.__doc__)
+    parser = _settings_parser("nanollada predict", predict_command.__doc__ + ". The LightningCLI form, "
+                              "nanollada predict --config C.yaml --ckpt_path K --data.predict_file F --output O, "
+                              "runs Trainer.predict on any number of devices (see its --help).")
     parser.add_argument("--ckpt", type=str, required=True, help="a nanollada checkpoint (.ckpt)")
     parser.add_argument("--output", type=str | None, default=None, help="JSONL file to write (default: stdout only)")
     parser.add_argument("--trace", type=str | None, default=None,
                         help="diffusion: the denoising canvas of the first prompt, step by step: an HTML file to "
                              "write (slider + play button), or '-' to print it in the terminal")
     cfg = parser.parse_args(argv)
+    settings = _settings(cfg)
     prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     loaded = _load(cfg.ckpt, _device(cfg.device))
-    settings = _settings(cfg)
+    if cfg.trace and not loaded.interface.supports_trace:
+        raise SystemExit(f"--trace needs a diffusion checkpoint ({cfg.ckpt} is {loaded.paradigm})")
     records = []
-    if cfg.trace and loaded.paradigm != "diffusion":
-        raise SystemExit("--trace needs a diffusion checkpoint")
     for i, p in enumerate(prompts):
         try:
             rec = generate_text(loaded, p, settings, trace_path=cfg.trace if i == 0 else None)
         except ValueError as e:
             raise SystemExit(f"prompt {p[:40]!r}...: {e}")
         records.append(rec)
-        print(f"### {p}\n{rec['completion']}\n[{rec['tokens']} tokens, {rec['forwards']} forwards, "
-              f"{rec['seconds']:.2f}s, {rec['tokens_per_second']:.1f} tok/s]\n", file=sys.stderr)
+        for note in rec.get("notes", []):
+            print(f"[nanollada] note: {note}", file=sys.stderr)
+        print(f"### {_printable(p)}\n{_printable(rec['completion'])}\n[{rec['tokens']} tokens, {rec['forwards']} "
+              f"forwards, {rec['seconds']:.2f}s, {rec['tokens_per_second']:.1f} tok/s]\n", file=sys.stderr)
     if cfg.trace and cfg.trace != "-":
         print(f"wrote the denoising trace of the first prompt to {cfg.trace}", file=sys.stderr)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -149,21 +136,36 @@ def predict_command(argv: list[str]) -> None:
         sys.stdout.write(text)
 
 
+def _printable(text: str) -> str:
+    """Text for a terminal: control characters (other than newline and tab) escaped, never echoed raw."""
+    return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def compare_command(argv: list[str]) -> None:
-    """run an AR and a diffusion checkpoint on the same prompts: text side by side, latency, tokens/s, forwards"""
+    """run checkpoints of any paradigms on the same prompts: text side by side, latency, tokens/s, forwards"""
     import json
 
     from nanollada.evaluation.compare import compare, format_table
     parser = _settings_parser("nanollada compare", compare_command.__doc__)
-    parser.add_argument("--ar", type=str, required=True, help="AR checkpoint")
-    parser.add_argument("--diffusion", type=str, required=True, help="diffusion checkpoint")
+    parser.add_argument("--ckpt", type=list[str], default=[],
+                        help="checkpoints to compare, e.g. [ar.ckpt, diffusion.ckpt] (any paradigms, any number)")
+    parser.add_argument("--ar", type=str | None, default=None, help="shorthand: an (AR) checkpoint, listed first")
+    parser.add_argument("--diffusion", type=str | None, default=None,
+                        help="shorthand: a (diffusion) checkpoint, listed after --ar")
     parser.add_argument("--strategies", type=list[str], default=["low_confidence", "threshold", "threshold_topk"],
-                        help="diffusion strategies to run (each against the same AR run)")
+                        help="decoding strategies to run for the checkpoints that have them (diffusion)")
     parser.add_argument("--output", type=str | None, default=None, help="JSON file for the full results")
     cfg = parser.parse_args(argv)
+    settings = _settings(cfg)
+    paths = [p for p in (cfg.ar, cfg.diffusion) if p] + list(cfg.ckpt)
+    if not paths:
+        raise SystemExit("nanollada compare: give checkpoints with --ckpt '[A, B]' (or --ar A --diffusion D)")
     prompts = read_prompts(cfg.prompt, cfg.prompts_file)
     device = _device(cfg.device)
-    result = compare(_load(cfg.ar, device), _load(cfg.diffusion, device), prompts, _settings(cfg), cfg.strategies)
+    try:
+        result = compare([_load(p, device) for p in paths], prompts, settings, cfg.strategies)
+    except ValueError as e:
+        raise SystemExit(f"nanollada compare: {e}")
     print(format_table(result))
     if cfg.output:
         with open(cfg.output, "w", encoding="utf-8") as fh:
@@ -171,7 +173,7 @@ def compare_command(argv: list[str]) -> None:
         print(f"wrote {cfg.output}")
 
 
-COMMANDS = {"tokenizer": tokenizer_command, "predict": predict_command, "compare": compare_command}
+COMMANDS = {"tokenizer": tokenizer_command, "compare": compare_command}  # predict: see cli.main
 
 
 def export_command(argv: list[str]) -> None:

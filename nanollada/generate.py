@@ -1,25 +1,21 @@
-"""Text in, text out, for either paradigm: the front end that ``predict`` and ``compare`` share.
+"""Text in, text out, for every paradigm: the front end that ``predict``, ``compare``, ``chat`` and ``serve`` share.
 
 ``GenerationSettings`` gathers every decoding knob (AR: temperature, top-k/p, repetition penalty, KV cache;
-diffusion: strategy, steps, block length, threshold, budget, prefix cache). ``generate_text`` renders the prompt
-(chat template for SFT checkpoints), calls ``sampling.ar.ar_generate`` or ``sampling.diffusion.diffusion_generate``
-and returns a JSON-ready record with the timings and forward counts both paradigms are compared on.
+diffusion: strategy, steps, block length, threshold, budget, prefix cache) and validates them in one place.
+``generate_text`` renders the prompt (chat template for SFT checkpoints), asks the checkpoint's
+``nanollada.paradigms.Paradigm`` to decode, and returns a JSON-ready record with the timings and forward counts the
+paradigms are compared on.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 
-from nanollada.loading import LoadedModel
-from nanollada.sampling.ar import ar_generate
-from nanollada.sampling.diffusion import (ConfidenceThreshold, LowConfidence, RandomRemask, Strategy,
-                                          ThresholdTopKBudget, diffusion_generate, print_trace,
-                                          trace_to_html)
+from nanollada.sampling.diffusion import STRATEGIES, print_trace, trace_to_html
 
 MAX_PROMPT_CHARS = 100_000
 
@@ -63,83 +59,87 @@ class GenerationSettings:
     chat: bool | None = None
     seed: int = 0
 
-    def diffusion_strategy(self, block_length: int) -> Strategy:
-        if self.strategy in ("low_confidence", "random"):
-            steps = self.steps or block_length
-            return (LowConfidence if self.strategy == "low_confidence" else RandomRemask)(steps)
-        if self.strategy == "threshold":
-            return ConfidenceThreshold(self.threshold)
-        return ThresholdTopKBudget(self.threshold, self.commit_top_k, self.budget)
+    def __post_init__(self) -> None:
+        """Reject meaningless values with the flag, the value and the allowed range."""
+        def bad(flag, value, allowed):
+            raise ValueError(f"--{flag} {value!r} is out of range: allowed {allowed}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad("max_new_tokens", self.max_new_tokens, ">= 1 (an integer)")
+        if self.temperature < 0:
+            bad("temperature", self.temperature, ">= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            bad("top_k", self.top_k, ">= 1, or null for off")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "(0, 1], or null for off")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "> 0 (1 = off)")
+        if self.strategy not in STRATEGIES:
+            bad("strategy", self.strategy, f"one of {sorted(STRATEGIES)}")
+        if self.steps is not None and self.steps < 1:
+            bad("steps", self.steps, ">= 1, or null for one step per block position")
+        if self.block_length is not None and self.block_length < 1:
+            bad("block_length", self.block_length, ">= 1, or null for one block")
+        if not 0 <= self.threshold <= 1:
+            bad("threshold", self.threshold, "[0, 1]")
+        if self.commit_top_k < 1:
+            bad("commit_top_k", self.commit_top_k, ">= 1")
+        if self.budget is not None and self.budget < 1:
+            bad("budget", self.budget, ">= 1, or null for no cap")
 
 
-def encode_prompt(loaded: LoadedModel, prompt: str, chat: bool | None) -> list[int]:
+def encode_prompt(interface, prompt: str, chat: bool | None) -> list[int]:
     """Prompt ids (bos first); chat template for SFT checkpoints unless ``chat`` says otherwise."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("empty prompt: give some text to continue")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"prompt of {len(prompt)} characters is longer than {MAX_PROMPT_CHARS}")
-    tok = loaded.tokenizer
-    use_chat = loaded.is_chat if chat is None else chat
+    tok = interface.tokenizer
+    use_chat = interface.is_chat if chat is None else chat
     return tok.chat_prompt(prompt) if use_chat else [tok.bos_id] + tok.encode(prompt)
 
 
-def _cut(ids: list[int], stops: set[int]) -> list[int]:
-    for i, t in enumerate(ids):
-        if t in stops:
-            return ids[:i]
-    return ids
+def show_tokens(tok, ids: list[int]) -> str:
+    """Text of ids with special tokens (eos, masks) visible as their pieces, for traces."""
+    return "".join(tok.sp.id_to_piece(i) if i in tok.special_ids else tok.decode([i]) for i in ids)
 
 
 @torch.no_grad()
-def generate_text(loaded: LoadedModel, prompt: str, settings: GenerationSettings, trace_path: str | None = None) -> dict:
-    """Generate a completion of ``prompt``; returns prompt, completion, counts and timings (JSON-ready).
+def generate_text(interface, prompt: str, settings: GenerationSettings, trace_path: str | None = None,
+                  on_step=None) -> dict:
+    """Generate a completion of ``prompt`` with a ``Paradigm`` (or a ``LoadedModel``, whose ``interface`` is used);
+    returns prompt, completion, counts and timings (JSON-ready).
 
-    trace_path: diffusion only, record the canvas after every step: ``"-"`` prints it to the terminal (stderr, one
-    line per step), any other path gets a self-contained HTML page with a step slider (``trace_to_html``).
+    trace_path: record the denoising canvas after every step (paradigms with ``supports_trace``): ``"-"`` prints it
+    to the terminal (stderr, one line per step), any other path gets a self-contained HTML page with a step slider.
+    on_step: streaming callback, see ``Paradigm.generate``.
     """
-    if trace_path and loaded.paradigm != "diffusion":
-        raise ValueError("a denoising trace needs a diffusion checkpoint")
-    tok, model = loaded.tokenizer, loaded.model
-    ids = encode_prompt(loaded, prompt, settings.chat)
-    device = next(model.parameters()).device
+    interface = getattr(interface, "interface", interface)
+    if trace_path and not interface.supports_trace:
+        raise ValueError(f"a denoising trace needs a diffusion checkpoint (this one is {interface.name})")
+    tok, model = interface.tokenizer, interface.model
+    ids = encode_prompt(interface, prompt, settings.chat)
     room = model.cfg.max_seq_len - len(ids)
     if room < 1:
         raise ValueError(f"prompt of {len(ids)} tokens leaves no room in max_seq_len={model.cfg.max_seq_len}")
-    g = torch.Generator(device=device).manual_seed(settings.seed)
-    stops = {tok.eos_id, tok.im_end_id}
-    record = {"prompt": prompt, "paradigm": loaded.paradigm, "prompt_tokens": len(ids)}
-    if loaded.paradigm == "ar":
-        out = ar_generate(model, [ids], max_new_tokens=min(settings.max_new_tokens, room),
-                          temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                          repetition_penalty=settings.repetition_penalty, eos_id=tok.im_end_id if
-                          (loaded.is_chat if settings.chat is None else settings.chat) else tok.eos_id,
-                          pad_id=tok.pad_id, use_kv_cache=settings.use_kv_cache, generator=g)
-        gen = _cut(list(out.generated[0]), stops)
-        record.update(forwards=out.forwards, first_token_seconds=out.first_token_seconds, seconds=out.seconds,
-                      generated_tokens=len(out.generated[0]))
-    else:
-        block = settings.block_length or settings.max_new_tokens
-        gen_length = block * math.ceil(min(settings.max_new_tokens, room) / block)
-        if gen_length > room:
-            gen_length = block * (room // block)
-            if gen_length == 0:
-                raise ValueError(f"no room for one block of {block} tokens after a {len(ids)}-token prompt")
-        out = diffusion_generate(model, torch.tensor([ids], device=device), gen_length=gen_length,
-                                 block_length=block, strategy=settings.diffusion_strategy(block),
-                                 mask_id=tok.mask_id, eos_id=tok.eos_id, temperature=settings.temperature,
-                                 generator=g, use_prefix_cache=settings.use_prefix_cache,
-                                 record_trace=trace_path is not None)
-        def show(ids: list[int]) -> str:  # special tokens (eos) stay visible in the trace
-            return "".join(tok.sp.id_to_piece(i) if i in tok.special_ids else tok.decode([i]) for i in ids)
-
-        if trace_path == "-":
-            print_trace(out.trace, show, mask_id=tok.mask_id, file=sys.stderr)
-        elif trace_path:
-            trace_to_html(out.trace, trace_path, show, mask_id=tok.mask_id, title=prompt[:80])
-        gen = _cut(out.generated[0].tolist(), stops)
-        record.update(forwards=out.forwards, first_token_seconds=out.first_round_seconds, seconds=out.seconds,
-                      generated_tokens=gen_length, steps_per_block=out.steps_per_block)
-    record.update(completion=tok.decode(gen), tokens=len(gen),
-                  tokens_per_second=len(gen) / max(record["seconds"], 1e-9),
-                  tokens_per_forward=len(gen) / max(record["forwards"], 1), settings=asdict(settings))
+    notes = []
+    if settings.max_new_tokens > room:
+        notes.append(f"max_new_tokens {settings.max_new_tokens} capped to the {room} positions left in "
+                     f"max_seq_len={model.cfg.max_seq_len} after the {len(ids)}-token prompt")
+    out = interface.generate(ids, settings, record_trace=trace_path is not None, on_step=on_step)
+    if trace_path == "-":
+        print_trace([c[None] for c in out.trace], lambda t: show_tokens(tok, t), mask_id=tok.mask_id,
+                    file=sys.stderr)
+    elif trace_path:
+        trace_to_html([c[None] for c in out.trace], trace_path, lambda t: show_tokens(tok, t), mask_id=tok.mask_id,
+                      title=prompt[:80])
+    record = {"prompt": prompt, "paradigm": interface.name, "prompt_tokens": len(ids),
+              "completion": tok.decode(out.tokens), "tokens": len(out.tokens), "generated_tokens": out.produced,
+              "forwards": out.forwards, "first_token_seconds": out.first_token_seconds, "seconds": out.seconds,
+              "tokens_per_second": len(out.tokens) / max(out.seconds, 1e-9),
+              "tokens_per_forward": len(out.tokens) / max(out.forwards, 1), **out.extra,
+              "settings": asdict(settings)}
+    if out.stopped_early:
+        record["stopped_early"] = True
+    if notes:
+        record["notes"] = notes
     return record

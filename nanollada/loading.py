@@ -43,6 +43,14 @@ class LoadedModel:
     is_chat: bool = False
     metadata: dict = field(default_factory=dict)  # e.g. an export's config.json
 
+    @property
+    def interface(self):
+        """The checkpoint's ``nanollada.paradigms.Paradigm`` (scoring and generation), from the registry."""
+        if getattr(self, "_interface", None) is None:
+            from nanollada.paradigms import paradigm_class
+            self._interface = paradigm_class(self.paradigm)(self.model, self.tokenizer, is_chat=self.is_chat)
+        return self._interface
+
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the backbone and tokenizer of a nanollada checkpoint (no Lightning needed)."""

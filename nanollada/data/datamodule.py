@@ -116,13 +116,15 @@ class LMDataModule(L.LightningDataModule):
         skip_bad_lines: Skip malformed lines (counted in the log) instead of stopping with file:line.
         num_workers: DataLoader worker processes.
         seed: Seed of the training order.
+        predict_file: Prompts for ``nanollada predict --config ...``: a .txt file (one prompt per line) or a .jsonl
+            file (``{"prompt": ...}`` per line); answers are written in this order.
     """
 
     def __init__(self, train_files: list[str], kind: Literal["pretrain", "sft"] = "pretrain",
                  weights: list[float] | None = None, data_root: str | None = None, tokenizer: str | None = None,
                  seq_len: int = 256, batch_size: int = 16, val_fraction: float = SHARED_VAL_FRACTION,
                  max_val_rows: int | None = None, cache_dir: str = "data/cache", skip_bad_lines: bool = False,
-                 num_workers: int = 0, seed: int = 0):
+                 num_workers: int = 0, seed: int = 0, predict_file: str | None = None):
         super().__init__()
         if kind not in ("pretrain", "sft"):
             raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
@@ -143,8 +145,12 @@ class LMDataModule(L.LightningDataModule):
         return [build_cache(f, self.kind, self.tokenizer, self.hparams.cache_dir, self.hparams.val_fraction,
                             self.hparams.skip_bad_lines, max_len) for f in self.files]
 
+    def _predicting(self) -> bool:
+        return self.trainer is not None and self.trainer.state.fn == "predict"
+
     def prepare_data(self) -> None:
-        self._cache_dirs()
+        if not self._predicting():  # predict reads prompts, not the training corpora
+            self._cache_dirs()
 
     def _datasets(self, split: str) -> list[Dataset]:
         caches = [TokenCache(d, split) for d in self._cache_dirs()]
@@ -153,6 +159,8 @@ class LMDataModule(L.LightningDataModule):
         return [Conversations(c) for c in caches]
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return
         if self.train_set is None:
             self.train_parts = self._datasets("train")
             self.train_set = ConcatDataset(self.train_parts)
@@ -196,3 +204,12 @@ class LMDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        from nanollada.prediction import PromptDataset, collate_prompts
+        if not self.hparams.predict_file:
+            raise ValueError("nanollada predict --config needs --data.predict_file FILE (.txt or .jsonl prompts)")
+        t = self.trainer
+        rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
+        return DataLoader(PromptDataset(self.hparams.predict_file, rank, world), batch_size=self.batch_size,
+                          shuffle=False, collate_fn=collate_prompts)

@@ -1,9 +1,11 @@
-"""One-prompt comparison of an AR and a diffusion checkpoint (v0.1.0's ``eval_sft_one_prompt``, made fair).
+"""Side-by-side comparison of checkpoints of any paradigms on the same prompts (v0.1.0's ``eval_sft_one_prompt``,
+made fair).
 
-Both models get the same prompts and settings; AR runs once, diffusion once per strategy. Reported per run:
-completion, answer tokens, forwards, tokens per forward, first-token (AR) / first-round (diffusion) latency, total
-latency, generated tokens/s (every position produced, diffusion's whole canvas included) and effective tokens/s
-(answer tokens before the stop token).
+Every model gets the same prompts and settings; each runs once per decoding strategy that applies to it (its
+paradigm's ``comparison_runs``: AR once, diffusion once per requested strategy). Reported per run: completion,
+answer tokens, forwards, tokens per forward, first-token (AR) / first-round (diffusion) latency, total latency,
+generated tokens/s (every position produced, diffusion's whole canvas included) and effective tokens/s (answer
+tokens before the stop token).
 """
 
 from __future__ import annotations
@@ -14,29 +16,30 @@ from nanollada.generate import GenerationSettings, generate_text
 from nanollada.loading import LoadedModel
 
 
-def compare(ar: LoadedModel, diffusion: LoadedModel, prompts: list[str], settings: GenerationSettings,
+def compare(models: list[LoadedModel], prompts: list[str], settings: GenerationSettings,
             strategies: list[str]) -> dict:
-    """Run both models on every prompt; returns {"runs": [...], "summary": [...]} (JSON-ready)."""
-    if ar.paradigm != "ar" or diffusion.paradigm != "diffusion":
-        raise SystemExit(f"--ar needs an AR checkpoint (got {ar.paradigm}), --diffusion a diffusion checkpoint "
-                         f"(got {diffusion.paradigm})")
-    configs = [("ar", ar, settings)] + [(f"diffusion/{s}", diffusion, replace(settings, strategy=s))
-                                        for s in strategies]
-    generate_text(ar, prompts[0], replace(settings, max_new_tokens=2))  # warm-up: first-call overheads
+    """Run every model on every prompt; returns {"checkpoints", "prompts", "runs", "summary"} (JSON-ready)."""
+    configs = [(name, m, cfg) for m in models for name, cfg in m.interface.comparison_runs(settings, strategies)]
+    names = [c[0] for c in configs]
+    if len(set(names)) < len(names):  # two checkpoints of one paradigm: tell them apart by position
+        configs = [(f"{name} #{models.index(m) + 1}", m, cfg) for name, m, cfg in configs]
+    for m in models:  # warm-up: first-call overheads
+        generate_text(m, prompts[0], replace(settings, max_new_tokens=2, block_length=2))
     runs, summary = [], []
     for name, loaded, cfg in configs:
         recs = [dict(generate_text(loaded, p, cfg), run=name) for p in prompts]
         runs += recs
         secs = sum(r["seconds"] for r in recs)
         summary.append({
-            "run": name, "prompts": len(recs), "answer_tokens": sum(r["tokens"] for r in recs),
+            "run": name, "checkpoint": loaded.path, "prompts": len(recs),
+            "answer_tokens": sum(r["tokens"] for r in recs),
             "generated_tokens": sum(r["generated_tokens"] for r in recs), "forwards": sum(r["forwards"] for r in recs),
             "first_token_s": sum(r["first_token_seconds"] for r in recs) / len(recs), "seconds": secs,
             "generated_tok_s": sum(r["generated_tokens"] for r in recs) / max(secs, 1e-9),
             "effective_tok_s": sum(r["tokens"] for r in recs) / max(secs, 1e-9),
             "tokens_per_forward": sum(r["tokens"] for r in recs) / max(1, sum(r["forwards"] for r in recs)),
         })
-    return {"ar": ar.path, "diffusion": diffusion.path, "prompts": prompts, "runs": runs, "summary": summary}
+    return {"checkpoints": [m.path for m in models], "prompts": prompts, "runs": runs, "summary": summary}
 
 
 def format_table(result: dict) -> str:

@@ -38,32 +38,12 @@ from pathlib import Path
 
 import torch
 
-from nanollada.evaluation.likelihood import (ar_sequence_logprob, diffusion_conditional_logprob, diffusion_elbo,
-                                             key_padding_mask)
 from nanollada.evaluation.tasks import BLANK, Task
+from nanollada.paradigms.base import ScoringSettings
 
 QUERY_TEMPLATE = "问题：{query}\n答案："
 
-
-@dataclass
-class EvalSettings:
-    """Scoring settings shared by every task.
-
-    Args:
-        batch_size: Sequences per forward.
-        samples: Monte-Carlo samples of the diffusion estimators (ELBO draws / conditional-likelihood samples).
-        seed: Seed of every random draw (diffusion estimators), so results are repeatable.
-    """
-
-    batch_size: int = 16
-    samples: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
+EvalSettings = ScoringSettings  # the name the CLI and tests use
 
 
 def _device(model) -> torch.device:
@@ -73,11 +53,6 @@ def _device(model) -> torch.device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _generator(seed: int) -> torch.Generator:
-    """A CPU generator: the likelihood functions draw on it and move the numbers, so results match across devices."""
-    return torch.Generator().manual_seed(seed)
 
 
 def fit_length(ctx: list[int], tgt: list[int], max_len: int) -> tuple[list[int], list[int], bool]:
@@ -91,49 +66,16 @@ def fit_length(ctx: list[int], tgt: list[int], max_len: int) -> tuple[list[int],
     return ctx, tgt, True
 
 
-def _pad(rows: list[list[int]], pad_id: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad rows to T -> ids (B, T) long, real (B, T) bool."""
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    real = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        real[b, : len(r)] = True
-    return ids.to(device), real.to(device)
-
-
-def _elbo_rows(model, rows: list[list[int]], T: int, mask_id: int, pad_id: int, samples: int,
-               generator: torch.Generator) -> torch.Tensor:
-    """Negative ELBO (nats) of every row (bos first, everything after bos eligible), padded to length T: (B,)."""
-    ids, real = _pad(rows, pad_id, T, _device(model))
-    eligible = real.clone()
-    eligible[:, 0] = False
-    return diffusion_elbo(model, ids, eligible, mask_id, num_samples=samples, generator=generator,
-                          attn_mask=key_padding_mask(real)).double().cpu()
-
-
 # ------------------------------------------------------------------------------------------------ the families
 def score_perplexity(loaded, task: Task, s: EvalSettings) -> dict:
-    tok, model = loaded.tokenizer, loaded.model
-    max_len = model.cfg.max_seq_len
+    tok, iface = loaded.tokenizer, loaded.interface
+    max_len = loaded.model.cfg.max_seq_len
     seqs = [[tok.bos_id] + ids + [tok.eos_id] for ids in tok.encode_batch([it["text"] for it in task.items])]
     truncated = sum(len(q) > max_len for q in seqs)
-    seqs = [q[:max_len] for q in seqs]
-    if loaded.paradigm == "ar":
-        lp, n = ar_sequence_logprob(model, [q[:1] for q in seqs], [q[1:] for q in seqs], tok.pad_id,
-                                    batch_size=s.batch_size)
-        nll, tokens = float(-lp.sum()), int(n.sum())
-    else:
-        g = _generator(s.seed)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        nll, tokens = 0.0, 0
-        for start in range(0, len(order), s.batch_size):
-            rows = [seqs[i] for i in order[start: start + s.batch_size]]
-            nll += float(_elbo_rows(model, rows, max(map(len, rows)), tok.mask_id, tok.pad_id, s.samples, g).sum())
-            tokens += sum(len(r) - 1 for r in rows)
-    per_token = nll / max(tokens, 1)
-    return {"nats_per_token": per_token, "ppl": math.exp(min(per_token, 700.0)), "tokens": tokens,
-            "estimate": "exact" if loaded.paradigm == "ar" else f"elbo_bound_{s.samples}_samples",
-            "truncated": truncated}
+    nll, n = iface.sequence_nll([q[:max_len] for q in seqs], s)
+    per_token = float(nll.sum()) / max(int(n.sum()), 1)
+    return {"nats_per_token": per_token, "ppl": math.exp(min(per_token, 700.0)), "tokens": int(n.sum()),
+            "estimate": iface.estimate("perplexity", s), "truncated": truncated}
 
 
 def _accuracy_by_group(correct: list[bool], groups: list[str | None]) -> dict:
@@ -145,30 +87,16 @@ def _accuracy_by_group(correct: list[bool], groups: list[str | None]) -> dict:
 
 
 def score_minimal_pairs(loaded, task: Task, s: EvalSettings) -> dict:
-    tok, model = loaded.tokenizer, loaded.model
-    max_len = model.cfg.max_seq_len
+    tok, iface = loaded.tokenizer, loaded.interface
+    max_len = loaded.model.cfg.max_seq_len
     good = [([tok.bos_id] + ids)[:max_len] for ids in tok.encode_batch([it["good"] for it in task.items])]
     bad = [([tok.bos_id] + ids)[:max_len] for ids in tok.encode_batch([it["bad"] for it in task.items])]
     N = len(good)
-    if loaded.paradigm == "ar":
-        lp, _ = ar_sequence_logprob(model, [q[:1] for q in good + bad], [q[1:] for q in good + bad], tok.pad_id,
-                                    batch_size=s.batch_size)
-        sg, sb = lp[:N], lp[N:]
-    else:
-        sg, sb = torch.zeros(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64)
-        order = sorted(range(N), key=lambda i: max(len(good[i]), len(bad[i])))
-        for k, start in enumerate(range(0, N, s.batch_size)):
-            idx = order[start: start + s.batch_size]
-            T = max(max(len(good[i]), len(bad[i])) for i in idx)
-            seed = s.seed * 1_000_003 + k  # the same draws for the good and the bad batch
-            sg[idx] = -_elbo_rows(model, [good[i] for i in idx], T, tok.mask_id, tok.pad_id, s.samples,
-                                  _generator(seed))
-            sb[idx] = -_elbo_rows(model, [bad[i] for i in idx], T, tok.mask_id, tok.pad_id, s.samples,
-                                  _generator(seed))
+    sg, sb = iface.pair_logprobs(good, bad, s)
     correct = (sg > sb).tolist()
     groups = [it.get("phenomenon") for it in task.items]
     return {"accuracy": sum(correct) / max(N, 1), "chance": 0.5, "groups": _accuracy_by_group(correct, groups),
-            "ties": int((sg == sb).sum())}
+            "ties": int((sg == sb).sum()), "estimate": iface.estimate("minimal_pairs", s)}
 
 
 def choice_pairs(tok, item: dict) -> list[tuple[list[int], list[int]]]:
@@ -185,15 +113,10 @@ def choice_pairs(tok, item: dict) -> list[tuple[list[int], list[int]]]:
     return [(ctx, tok.encode(c)) for c in item["choices"]]
 
 
-def _conditional(loaded, ctxs: list[list[int]], tgts: list[list[int]],
-                 s: EvalSettings) -> tuple[list[float], list[int]]:
-    """log p(target | context) and target token counts, exact (AR) or LLaDA's estimate (diffusion)."""
-    tok, model = loaded.tokenizer, loaded.model
-    if loaded.paradigm == "ar":
-        lp, n = ar_sequence_logprob(model, ctxs, tgts, tok.pad_id, batch_size=s.batch_size)
-    else:
-        lp, n = diffusion_conditional_logprob(model, ctxs, tgts, tok.mask_id, tok.pad_id, num_samples=s.samples,
-                                              generator=_generator(s.seed), batch_size=s.batch_size)
+def _conditional(loaded, ctxs: list[list[int]], tgts: list[list[int]], s: EvalSettings,
+                 groups: list[int] | None = None) -> tuple[list[float], list[int]]:
+    """log p(target | context) and target token counts, through the checkpoint's paradigm interface."""
+    lp, n = loaded.interface.conditional_logprob(ctxs, tgts, s, groups=groups)
     return lp.tolist(), n.tolist()
 
 
@@ -215,7 +138,7 @@ def score_multiple_choice(loaded, task: Task, s: EvalSettings) -> dict:
             pairs.append(p)
             owner.append(i)
     ctxs, tgts, truncated = _fit_all(pairs, model.cfg.max_seq_len)
-    lp, n = _conditional(loaded, ctxs, tgts, s)
+    lp, n = _conditional(loaded, ctxs, tgts, s, groups=owner)
     correct, correct_norm, pos = [], [], 0
     for it in task.items:
         k = len(it["choices"])
@@ -228,55 +151,14 @@ def score_multiple_choice(loaded, task: Task, s: EvalSettings) -> dict:
     groups = [it.get("subject") for it in task.items]
     return {"accuracy": sum(correct) / max(N, 1), "accuracy_norm": sum(correct_norm) / max(N, 1),
             "chance": task.chance, "groups": _accuracy_by_group(correct, groups), "truncated": truncated,
-            "estimate": "exact" if loaded.paradigm == "ar" else f"llada_conditional_{s.samples}_samples"}
-
-
-def _greedy(loaded, prompts: list[list[int]], lengths: list[int], s: EvalSettings) -> list[list[int]]:
-    """Greedy continuations of exactly lengths[i] tokens for every prompt, batched."""
-    tok, model = loaded.tokenizer, loaded.model
-    device = _device(model)
-    out: list[list[int]] = [[] for _ in prompts]
-    if loaded.paradigm == "ar":
-        from nanollada.sampling.ar import ar_generate
-        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], len(prompts[i])))
-        for start in range(0, len(order), s.batch_size):
-            idx = order[start: start + s.batch_size]
-            # every row fits max_seq_len alone; a left-padded batch may not (longest prompt + longest continuation)
-            fits = max(len(prompts[i]) for i in idx) + max(lengths[i] for i in idx) - 1 <= model.cfg.max_seq_len
-            for part in [idx] if fits else [[i] for i in idx]:
-                res = ar_generate(model, [prompts[i] for i in part], max_new_tokens=max(lengths[i] for i in part),
-                                  temperature=0.0, eos_id=None, pad_id=tok.pad_id, use_kv_cache=True)
-                for i, g in zip(part, res.generated):
-                    out[i] = g[: lengths[i]]
-        return out
-    from nanollada.sampling.diffusion import LowConfidence, diffusion_generate
-    by_len: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        by_len.setdefault(n, []).append(i)
-    for n, members in sorted(by_len.items()):
-        members.sort(key=lambda i: len(prompts[i]))
-        for start in range(0, len(members), s.batch_size):
-            idx = members[start: start + s.batch_size]
-            P = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), P), tok.pad_id, dtype=torch.long)
-            real = torch.zeros(len(idx), P, dtype=torch.bool)
-            for b, i in enumerate(idx):  # left padding, hidden by prompt_mask
-                ids[b, P - len(prompts[i]):] = torch.tensor(prompts[i])
-                real[b, P - len(prompts[i]):] = True
-            res = diffusion_generate(model, ids.to(device), gen_length=n, block_length=n,
-                                     strategy=LowConfidence(steps=n), mask_id=tok.mask_id, temperature=0.0,
-                                     prompt_mask=None if bool(real.all()) else real.to(device),
-                                     generator=_generator(s.seed))
-            for b, i in enumerate(idx):
-                out[i] = res.generated[b].tolist()
-    return out
+            "estimate": loaded.interface.estimate("multiple_choice", s)}
 
 
 def score_cloze(loaded, task: Task, s: EvalSettings) -> dict:
-    tok, model = loaded.tokenizer, loaded.model
+    tok = loaded.tokenizer
     pairs = [([tok.bos_id] + tok.encode(it["context"]), tok.encode(it["continuation"])) for it in task.items]
-    ctxs, tgts, truncated = _fit_all(pairs, model.cfg.max_seq_len)
-    gens = _greedy(loaded, ctxs, [len(t) for t in tgts], s)
+    ctxs, tgts, truncated = _fit_all(pairs, loaded.model.cfg.max_seq_len)
+    gens = loaded.interface.greedy_continuations(ctxs, [len(t) for t in tgts], s)
     correct = [tok.decode(g).strip() == it["continuation"].strip() for g, it in zip(gens, task.items)]
     lp, n = _conditional(loaded, ctxs, tgts, s)
     N = len(task.items)

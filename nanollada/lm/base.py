@@ -243,6 +243,20 @@ class LanguageModel(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
+    # ---------------------------------------------------------------- predict (LightningCLI)
+    generation = None  # a GenerationSettings; ``nanollada predict`` sets it from its --generation.* flags
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Sample an answer for every prompt of the batch with ``self.generation``, through the paradigm interface:
+        a list of ``generate.generate_text`` records, each with its prompt's ``index`` in the input file."""
+        from nanollada.generate import GenerationSettings, generate_text
+        from nanollada.paradigms import paradigm_class
+        data = getattr(self.trainer, "datamodule", None)
+        iface = paradigm_class(self.paradigm)(self.model, self.tokenizer,
+                                              is_chat=getattr(data, "kind", "pretrain") == "sft")
+        settings = self.generation or GenerationSettings()
+        return [{"index": int(i), **generate_text(iface, p, settings)} for i, p in zip(batch["index"], batch["prompt"])]
+
     def setup(self, stage: str) -> None:
         """Make plain torch checkpoint writes atomic (strategies with their own IO, e.g. FSDP, are left alone)."""
         if stage == "fit" and self.hparams.nonfinite_loss == "skip" and self.trainer.world_size > 1:

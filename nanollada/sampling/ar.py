@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -100,6 +101,7 @@ def ar_generate(
     pad_id: int = 0,
     use_kv_cache: bool = True,
     generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> AROutput:
     """Sample up to ``max_new_tokens`` tokens after each prompt from a causal ``Transformer``.
 
@@ -118,6 +120,8 @@ def ar_generate(
         use_kv_cache: Incremental decoding with a ``KVCache`` (one new token per forward); False recomputes the full
             sequence each step (same result, for benchmarks).
         generator: Source of randomness for ``torch.multinomial`` (reproducible under a seed).
+        on_token: Called after every step with the new tokens (B,) (``pad_id`` for finished rows); a true return
+            value stops generation at once (a streaming client went away).
 
     Order of logit processing: repetition penalty, temperature, top-k, top-p, then sample.
     """
@@ -199,6 +203,8 @@ def ar_generate(
             _sync(device)
             first_token_seconds = time.perf_counter() - start
         if bool(done.all()):
+            break
+        if on_token is not None and on_token(nxt):
             break
         if cache is None:
             seq = torch.cat([seq, nxt[:, None]], dim=1)

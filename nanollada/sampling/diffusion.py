@@ -54,15 +54,41 @@ def _top_k(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (rank < k[:, None]) & torch.isfinite(confidence)
 
 
+STRATEGIES: dict[str, type["Strategy"]] = {}
+
+
+def register_strategy(name: str):
+    """Class decorator: make a :class:`Strategy` available under ``name`` (``--strategy name``)."""
+    def deco(cls):
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+    return deco
+
+
+def build_strategy(name: str, settings, block_length: int) -> "Strategy":
+    """The registered strategy ``name`` built from a ``GenerationSettings`` (its ``from_settings``)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown diffusion strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name].from_settings(settings, block_length)
+
+
 class Strategy:
     """Chooses which masked positions of the current block to commit at each step.
 
     ``steps``: a fixed number of forwards per block (LLaDA schedules), or None for adaptive strategies.
     ``budget``: a cap on the forwards of a whole generation, or None. The generator turns either into ``steps_left``.
+    Subclasses are registered by name with :func:`register_strategy` and built from settings by ``from_settings``.
     """
 
+    name: str = "base"
     steps: int | None = None
     budget: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings, block_length: int) -> "Strategy":
+        """This strategy from a ``GenerationSettings`` and the block length in use."""
+        raise NotImplementedError
 
     def score(self, p_x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Confidence (B, L) of the candidates from their probabilities p_x0 (B, L); LLaDA ``low_confidence``."""
@@ -76,6 +102,7 @@ class Strategy:
         raise NotImplementedError
 
 
+@register_strategy("low_confidence")
 class LowConfidence(Strategy):
     """LLaDA ``low_confidence`` remasking: ``steps`` forwards per block, each committing the k most confident
     candidates with k from :func:`get_num_transfer_tokens` (``steps`` is per block, not LLaDA's total). With more
@@ -86,10 +113,15 @@ class LowConfidence(Strategy):
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.steps = steps
 
+    @classmethod
+    def from_settings(cls, settings, block_length):
+        return cls(settings.steps or block_length)
+
     def commit(self, confidence, n_masked, step, steps_left):
         return _top_k(confidence, -(-n_masked // steps_left))  # ceil: the even split, remainder first
 
 
+@register_strategy("random")
 class RandomRemask(LowConfidence):
     """LLaDA ``random`` remasking: the same schedule as :class:`LowConfidence` with uniform random confidence."""
 
@@ -97,6 +129,7 @@ class RandomRemask(LowConfidence):
         return torch.rand(p_x0.shape, device=p_x0.device, generator=generator)
 
 
+@register_strategy("threshold")
 class ConfidenceThreshold(Strategy):
     """Fast-dLLM parallel decoding: commit every candidate with probability > threshold, and always the most
     confident one so each step makes progress."""
@@ -104,10 +137,15 @@ class ConfidenceThreshold(Strategy):
     def __init__(self, threshold: float = 0.9):
         self.threshold = threshold
 
+    @classmethod
+    def from_settings(cls, settings, block_length):
+        return cls(settings.threshold)
+
     def commit(self, confidence, n_masked, step, steps_left):
         return (confidence > self.threshold) | _top_k(confidence, torch.ones_like(n_masked))
 
 
+@register_strategy("threshold_topk")
 class ThresholdTopKBudget(Strategy):
     """v0.1.0 report: commit candidates above ``threshold``, at most ``top_k`` and at least one per step; ``budget``
     caps the forwards of a whole generation (split over the blocks left), and once the steps left would not suffice
@@ -117,6 +155,10 @@ class ThresholdTopKBudget(Strategy):
         if top_k < 1 or (budget is not None and budget < 1):
             raise ValueError(f"top_k and budget must be >= 1, got top_k={top_k}, budget={budget}")
         self.threshold, self.top_k, self.budget = threshold, top_k, budget
+
+    @classmethod
+    def from_settings(cls, settings, block_length):
+        return cls(settings.threshold, settings.commit_top_k, settings.budget)
 
     def commit(self, confidence, n_masked, step, steps_left):
         k = (confidence > self.threshold).sum(1).clamp(1, self.top_k)
@@ -138,6 +180,7 @@ class DiffusionOutput:
     first_round_seconds: float  # wall time of the first forward + commit round
     seconds: float  # wall time of the whole generation
     trace: list[torch.Tensor] = field(default_factory=list)
+    stopped_early: bool = False  # an ``on_step`` callback asked to stop
 
     @property
     def tokens_per_forward(self) -> float:
@@ -169,6 +212,7 @@ def diffusion_generate(
     use_prefix_cache: bool = False,
     attend_future_blocks: bool | None = None,
     record_trace: bool = False,
+    on_step: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> DiffusionOutput:
     """Fill gen_length masks after prompt_ids (B, P) long, block by block, as LLaDA ``generate.py`` does.
 
@@ -182,6 +226,8 @@ def diffusion_generate(
         are frozen at the block-start state of the block instead of following its refinement.
     eos_id: once every row has a committed eos with nothing masked before it, generation stops; positions after a
         row's first eos are eos. Reproducible given ``generator`` (Gumbel noise, random remasking).
+    on_step: called after every step with the generated region (B, G) (masks included); a true return value stops
+        generation at once (a streaming client went away). ``stopped_early`` then says so.
     """
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
@@ -206,7 +252,10 @@ def diffusion_generate(
     forwards = forward_tokens = committed = 0
     steps_per_block, trace, first_round = [], [], None
     start = time.perf_counter()
+    stopped_early = False
     for b in range(n_blocks):
+        if stopped_early:
+            break
         s, e = P + b * block_length, P + (b + 1) * block_length
         allowance = None
         if strategy.budget is not None:  # fair share of what is left; ceil keeps >= 1 forward for each later block
@@ -240,11 +289,14 @@ def diffusion_generate(
                 first_round = time.perf_counter() - start
             if record_trace:
                 trace.append(x[:, P:].clone().cpu())
+            if on_step is not None and on_step(x[:, P:]):
+                stopped_early = True
+                break
         steps_per_block.append(step)
     sync()
     return DiffusionOutput(tokens=x, generated=x[:, P:], forwards=forwards, steps_per_block=steps_per_block,
                            forward_tokens=forward_tokens, committed=committed, first_round_seconds=first_round or 0.0,
-                           seconds=time.perf_counter() - start, trace=trace)
+                           seconds=time.perf_counter() - start, trace=trace, stopped_early=stopped_early)
 
 
 def _cells(canvas: torch.Tensor, decode: Callable[[list[int]], str] | None, mask_id: int) -> list[str | None]:

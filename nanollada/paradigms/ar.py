@@ -1,0 +1,66 @@
+"""The autoregressive paradigm after training: exact likelihoods and KV-cache decoding (``sampling.ar``)."""
+
+from __future__ import annotations
+
+import torch
+
+from nanollada.evaluation.likelihood import ar_sequence_logprob
+from nanollada.paradigms.base import Generation, Paradigm, ScoringSettings, register_paradigm
+from nanollada.sampling.ar import ar_generate
+
+
+@register_paradigm("ar")
+class ARParadigm(Paradigm):
+    """A causal backbone: every likelihood is exact (chain rule); generation samples one token per forward."""
+
+    exact_likelihood = True
+
+    def sequence_nll(self, rows, s: ScoringSettings):
+        lp, n = ar_sequence_logprob(self.model, [r[:1] for r in rows], [r[1:] for r in rows], self.tokenizer.pad_id,
+                                    batch_size=s.batch_size)
+        return -lp, n
+
+    def conditional_logprob(self, contexts, targets, s: ScoringSettings, groups=None):
+        return ar_sequence_logprob(self.model, contexts, targets, self.tokenizer.pad_id, batch_size=s.batch_size)
+
+    def greedy_continuations(self, prompts, lengths, s: ScoringSettings):
+        out: list[list[int]] = [[] for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], len(prompts[i])))
+        for start in range(0, len(order), s.batch_size):
+            idx = order[start: start + s.batch_size]
+            # every row fits max_seq_len alone; a left-padded batch may not (longest prompt + longest continuation)
+            fits = max(len(prompts[i]) for i in idx) + max(lengths[i] for i in idx) - 1 <= self.model.cfg.max_seq_len
+            for part in [idx] if fits else [[i] for i in idx]:
+                res = ar_generate(self.model, [prompts[i] for i in part], max_new_tokens=max(lengths[i] for i in part),
+                                  temperature=0.0, eos_id=None, pad_id=self.tokenizer.pad_id, use_kv_cache=True)
+                for i, g in zip(part, res.generated):
+                    out[i] = g[: lengths[i]]
+        return out
+
+    def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
+        if record_trace:
+            raise ValueError("a denoising trace needs a diffusion checkpoint (this one is autoregressive)")
+        tok = self.tokenizer
+        room = self.model.cfg.max_seq_len - len(prompt_ids) + 1  # the last new token is never fed back
+        answer: list[int] = []
+        client_stop = []
+
+        def on_token(nxt: torch.Tensor) -> bool:
+            t = int(nxt[0])
+            if t in self.stop_ids():  # eos or <|im_end|>, whichever comes first, ends the answer
+                return True
+            answer.append(t)
+            if on_step is not None and on_step(list(answer)):
+                client_stop.append(True)
+                return True
+            return False
+
+        g = torch.Generator(device=self.device).manual_seed(settings.seed)
+        out = ar_generate(self.model, [prompt_ids], max_new_tokens=min(settings.max_new_tokens, room),
+                          temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                          repetition_penalty=settings.repetition_penalty, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                          use_kv_cache=settings.use_kv_cache, generator=g, on_token=on_token)
+        produced = list(out.generated[0])
+        return Generation(tokens=self.cut_at_stop(produced), produced=len(produced) + int(out.stopped_at_eos[0]),
+                          forwards=out.forwards, first_token_seconds=out.first_token_seconds, seconds=out.seconds,
+                          stopped_early=bool(client_stop))

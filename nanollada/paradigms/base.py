@@ -1,0 +1,172 @@
+"""The one interface every paradigm implements for everything after training, and the registry that picks it.
+
+Training differs per paradigm (its LightningModule in ``nanollada.lm`` and its collate); everything after training
+-- the NLL of a sequence, the log-likelihood of a continuation, the scores of each evaluation family, and
+generation from a ``GenerationSettings`` -- goes through a :class:`Paradigm`. ``predict``, ``compare``, ``eval``,
+``export`` and the benchmarks call only this interface; none of them compares paradigm names. A new paradigm is a
+new subclass registered with :func:`register_paradigm` under the name its LightningModule writes into checkpoints.
+
+Why a package of its own rather than methods on the LightningModules: inference runs without Lightning (a
+checkpoint or an export is loaded by ``nanollada.loading`` with torch and the backbone only), and the modules stay
+thin -- a loss and a collate. Why not inside ``sampling/`` or ``evaluation/``: a paradigm's scoring and its
+decoding belong together (both decide how the backbone is fed), and a reader finds all of one paradigm in one file.
+
+Conventions: token ids are Python lists, every scored sequence starts with ``bos``, log-likelihoods are in nats,
+float64 on the CPU. Shapes: N items.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+PARADIGMS: dict[str, type["Paradigm"]] = {}
+
+
+def register_paradigm(name: str):
+    """Class decorator: ``name`` is the ``paradigm`` key the matching LightningModule writes into checkpoints."""
+    def deco(cls):
+        cls.name = name
+        PARADIGMS[name] = cls
+        return cls
+    return deco
+
+
+def paradigm_class(name: str) -> type["Paradigm"]:
+    """The registered :class:`Paradigm` for a checkpoint's ``paradigm`` key (clear error for unknown ones)."""
+    import nanollada.paradigms  # noqa: F401  (registers the built-in paradigms)
+    if name not in PARADIGMS:
+        raise ValueError(f"unknown paradigm {name!r} (known: {sorted(PARADIGMS)}); was the checkpoint written by a "
+                         "newer nanollada?")
+    return PARADIGMS[name]
+
+
+@dataclass
+class ScoringSettings:
+    """Scoring settings shared by every evaluation family.
+
+    Args:
+        batch_size: Sequences per forward.
+        samples: Monte-Carlo samples of the estimators that need them (diffusion ELBO draws / conditional samples).
+        seed: Seed of every random draw, so results are repeatable.
+    """
+
+    batch_size: int = 16
+    samples: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    """A CPU generator: the likelihood functions draw on it and move the numbers, so results match across devices."""
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class Generation:
+    """What :meth:`Paradigm.generate` returns for one prompt.
+
+    tokens: the answer's ids, cut before the first stop token (eos / ``<|im_end|>``).
+    produced: positions the decoder produced (AR: sampled tokens incl. a final stop; diffusion: the whole canvas).
+    forwards: model calls, prefill and cache writes included. first_token_seconds: AR prefill + first sample, or
+    the first denoising round. extra: paradigm-specific JSON-ready fields (e.g. ``steps_per_block``).
+    trace: the canvas after every step (diffusion with ``record_trace``), each (G,) long on the CPU.
+    """
+
+    tokens: list[int]
+    produced: int
+    forwards: int
+    first_token_seconds: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+    trace: list[torch.Tensor] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class Paradigm:
+    """Scoring and generation with one trained backbone. Subclasses implement every method below.
+
+    Args:
+        model: The backbone (``nanollada.model.Transformer``) in eval mode.
+        tokenizer: Its tokenizer (special ids, chat template).
+        is_chat: The checkpoint was SFT-trained, so prompts get the chat template by default.
+    """
+
+    name: ClassVar[str] = "base"
+    exact_likelihood: ClassVar[bool] = True  # False: likelihoods are bounds / Monte-Carlo estimates
+    supports_trace: ClassVar[bool] = False  # a denoising canvas to show step by step
+
+    def __init__(self, model, tokenizer, is_chat: bool = False):
+        self.model, self.tokenizer, self.is_chat = model, tokenizer, is_chat
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ scoring
+    def sequence_nll(self, rows: list[list[int]], s: ScoringSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL in nats of every row's tokens after its first (bos): (nll (N,) float64, scored tokens (N,) long).
+        Exact, or an upper bound (see ``estimate``)."""
+        raise NotImplementedError
+
+    def pair_logprobs(self, first: list[list[int]], second: list[list[int]],
+                      s: ScoringSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-likelihood scores of two aligned lists of bos-first sequences (minimal pairs), (N,) float64 each.
+        Estimators with noise score item i of both lists on the same draws."""
+        nll, _ = self.sequence_nll(first + second, s)
+        return -nll[: len(first)], -nll[len(first):]
+
+    def conditional_logprob(self, contexts: list[list[int]], targets: list[list[int]], s: ScoringSettings,
+                            groups: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(target | context) per pair: (logprob (N,) float64, target tokens (N,) long). ``groups`` gives the
+        item each pair belongs to (the choices of one multiple-choice item); estimators with noise may share their
+        draws within a group."""
+        raise NotImplementedError
+
+    def greedy_continuations(self, prompts: list[list[int]], lengths: list[int], s: ScoringSettings) -> list[list[int]]:
+        """Exactly ``lengths[i]`` greedily decoded tokens after every prompt (no early stop), batched."""
+        raise NotImplementedError
+
+    def estimate(self, family: str, s: ScoringSettings) -> str:
+        """How ``family``'s numbers were obtained: ``exact`` or a named estimator with its sample count."""
+        return "exact"
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_ids: list[int], settings, *, record_trace: bool = False,
+                 on_step: Callable[[list[int]], bool | None] | None = None) -> Generation:
+        """Decode an answer after ``prompt_ids`` (already rendered, bos first) with a ``GenerationSettings``.
+
+        ``on_step(tokens)`` is called as the answer grows (AR: after every token with the answer so far; diffusion:
+        after every step with the canvas so far, masks as ``tokenizer.mask_id``); a true return value stops it."""
+        raise NotImplementedError
+
+    def comparison_runs(self, settings, strategies: list[str]) -> list[tuple[str, object]]:
+        """(run label, settings) pairs that ``compare`` runs for this model (one per decoding strategy that applies)."""
+        return [(self.name, settings)]
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def stop_ids(self) -> set[int]:
+        return {self.tokenizer.eos_id, self.tokenizer.im_end_id}
+
+    def cut_at_stop(self, ids: list[int]) -> list[int]:
+        stops = self.stop_ids()
+        for i, t in enumerate(ids):
+            if t in stops:
+                return ids[:i]
+        return ids
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @staticmethod
+    def clock() -> float:
+        return time.perf_counter()
