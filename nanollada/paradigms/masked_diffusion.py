@@ -3,7 +3,8 @@
 - sequence NLL: the negative ELBO (``diffusion_elbo``, stratified t, seeded), an upper bound on the NLL;
 - minimal pairs: both sentences of a pair scored on the same draws (same masking time and the same uniform number
   per position: both batches padded to one length and drawn from identically seeded generators);
-- continuation log-likelihood: LLaDA's conditional estimator (``diffusion_conditional_logprob``);
+- continuation log-likelihood: LLaDA's conditional estimator (``diffusion_conditional_logprob``), the choices of
+  one multiple-choice item on shared draws;
 - greedy continuations: one block of exactly the continuation's length, ``LowConfidence(steps=length)``;
 - generation: ``diffusion_generate`` with a strategy from the registry in ``sampling.diffusion``.
 """
@@ -71,7 +72,8 @@ class MaskedDiffusionParadigm(Paradigm):
     def conditional_logprob(self, contexts, targets, s: ScoringSettings, groups=None):
         return diffusion_conditional_logprob(self.model, contexts, targets, self.tokenizer.mask_id,
                                              self.tokenizer.pad_id, num_samples=s.samples,
-                                             generator=cpu_generator(s.seed), batch_size=s.batch_size)
+                                             generator=cpu_generator(s.seed), batch_size=s.batch_size,
+                                             groups=groups)
 
     def greedy_continuations(self, prompts, lengths, s: ScoringSettings):
         tok = self.tokenizer
