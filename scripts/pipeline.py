@@ -398,7 +398,8 @@ class Pipeline:
             nll = f"{m['val/nll']:.4f}" if "val/nll" in m else "-"
             ppl = f"{m['val/ppl']:.2f}" if "val/ppl" in m else "-"
             tb = train_scalars(self.stage_dir(s) / "tensorboard")
-            speeds = tb.get("train/tokens_per_s")
+            # TokenThroughputMonitor: all devices' tokens/s with several devices, else the one device's
+            speeds = tb.get("train/items_per_sec") or tb.get("train/device/items_per_sec")
             speed = f"{statistics.median(speeds):,.0f}" if speeds else "-"
             losses = tb.get("train/loss") or []
             loss = f"{statistics.mean(losses[:10]):.3f} → {statistics.mean(losses[-10:]):.3f}" if losses else "-"
@@ -409,8 +410,9 @@ class Pipeline:
         lines += ["", f"Training wall time (this invocation's stages, excluding resumed parts): {fmt_seconds(total)}. "
                   "val/nll: nats per token on each stage's own validation rows (pretraining rows for the pretraining "
                   "stages, SFT answers for the SFT stages), limited by the config's `limit_val_batches`; exact for "
-                  "AR, an ELBO upper bound for diffusion. train tok/s: the median of the logged `train/tokens_per_s` "
-                  "(tokens in the batches, padding included); train loss: the mean of the first and of the last ten "
+                  "AR, an ELBO upper bound for diffusion. train tok/s: the median of the logged tokens/s "
+                  "(`train/device/items_per_sec` of Lightning's ThroughputMonitor; tokens in the batches, padding "
+                  "included, validation time excluded); train loss: the mean of the first and of the last ten "
                   "logged values (every `log_every_n_steps` steps).", ""]
         for title, stage, name in (("Data", "prepare", "prepare.md"), ("AR vs diffusion on the same prompts "
                                    "(SFT checkpoints)", "compare", "compare.md"), ("Evaluation", "eval", "eval.md")):

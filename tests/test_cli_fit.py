@@ -132,6 +132,24 @@ def test_fit_lowers_the_loss(full_and_first_part):
     assert "[nanollada] ARLM: 0.99M parameters (tiny" in full_and_first_part["stdout"]
 
 
+def test_throughput_and_lr_come_from_lightning_callbacks(full_and_first_part):
+    """Tokens/s from ``nanollada.callbacks.TokenThroughputMonitor`` (Lightning's ThroughputMonitor counting tokens),
+    the LR from ``LearningRateMonitor`` only: the module logs neither."""
+    log_dir = full_and_first_part["A"] / "logs" / "A" / "version_0"
+    tokens = scalars(log_dir, "train/lengths")  # tokens counted so far (rows x seq_len, padding included)
+    assert max(tokens.values()) == 30 * DATA_ARGS["batch_size"] * DATA_ARGS["seq_len"]
+    rows = scalars(log_dir, "train/samples")
+    assert max(rows.values()) == 30 * DATA_ARGS["batch_size"]
+    speed = scalars(log_dir, "train/device/items_per_sec")
+    assert len(speed) >= 25 and all(0 < v < 1e7 for v in speed.values()), speed
+    lr = scalars(log_dir, "lr-AdamW/pg1")  # warmup 5 steps then constant 3e-3 (the tiny config's peak)
+    assert lr[0] == pytest.approx(3e-3 / 6) and lr[29] == pytest.approx(3e-3)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert not {"train/lr", "train/tokens_per_s"} & set(ea.Tags()["scalars"])
+
+
 def test_checkpoints_are_weights_only_loadable(full_and_first_part):
     ckpt_dir = full_and_first_part["A"] / "checkpoints"
     names = sorted(p.name for p in ckpt_dir.iterdir())

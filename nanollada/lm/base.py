@@ -10,7 +10,6 @@ a model for sampling or evaluation without Lightning, using ``torch.load(weights
 from __future__ import annotations
 
 import math
-import time
 from typing import Literal
 
 import lightning as L
@@ -42,7 +41,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
 
 
 class LanguageModel(L.LightningModule):
-    """Base LightningModule: a ``Transformer`` plus AdamW, warmup + cosine/WSD schedule and throughput logging.
+    """Base LightningModule: a ``Transformer`` plus AdamW, warmup + cosine/WSD schedule and the loss guard.
+
+    Tokens/s come from ``nanollada.callbacks.TokenThroughputMonitor`` and the LR from ``LearningRateMonitor`` (both
+    in every config); the module sets ``flops_per_batch`` for the former's FLOP/s and MFU.
 
     Args:
         preset: Backbone size: ``tiny`` (~1M, tests), ``small`` (~6M, CPU), ``base`` (~27M, the flagship).
@@ -75,6 +77,7 @@ class LanguageModel(L.LightningModule):
     causal: bool = True
     paradigm: str = "base"
     collate_cls = None
+    flops_per_batch: int | None = None  # training FLOPs of the current batch, read by ThroughputMonitor
 
     def __init__(self, preset: Literal["tiny", "small", "base"] = "base", d_model: int | None = None,
                  n_layers: int | None = None, n_heads: int | None = None, n_kv_heads: int | None = None,
@@ -96,7 +99,6 @@ class LanguageModel(L.LightningModule):
         # Not registered as a submodule (object.__setattr__): the checkpoint holds each weight once, under
         # "model.", whether or not the run was compiled.
         object.__setattr__(self, "forward_model", torch.compile(self.model) if compile else self.model)
-        self._tok_count, self._tok_time = 0, None
         self._nonfinite, self._skipped = None, 0
         # Validation/test sums over this rank's shard of the rows, summed over ranks by torchmetrics at the epoch end
         # (float64: token counts and nats stay exact far beyond float32's 2**24). Metric states are not saved.
@@ -166,24 +168,14 @@ class LanguageModel(L.LightningModule):
             s, h.warmup_steps, total, h.schedule, h.min_lr_ratio, h.decay_fraction))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
-    def log_throughput(self, n_tokens: int) -> None:
-        """Log tokens/s over the last ``log_every_n_steps`` batches (host wall time, no device sync per step).
-
-        ``train/loss`` is rank 0's batch loss under DDP (no per-step all-reduce); throughput counts every rank."""
-        self._tok_count += n_tokens
-        every = max(1, self.trainer.log_every_n_steps)
-        if self._tok_time is None:
-            self._tok_time, self._tok_count = time.perf_counter(), 0
-        elif self.trainer.global_step % every == 0 and self._tok_count:
-            now = time.perf_counter()
-            self.log("train/tokens_per_s", self._tok_count / (now - self._tok_time), on_step=True, on_epoch=False)
-            self._tok_time, self._tok_count = now, 0
-
     def training_loss(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The paradigm's training loss for one batch (a scalar tensor)."""
         raise NotImplementedError
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        """``train/loss`` is rank 0's batch loss under DDP (no per-step all-reduce)."""
+        B, T = batch["input_ids"].shape
+        self.flops_per_batch = int(self.model.flops_per_token(T) * B * T)
         loss = self.training_loss(batch, batch_idx)
         bad = ~torch.isfinite(loss.detach())
         if self.hparams.nonfinite_loss == "skip":
@@ -206,8 +198,6 @@ class LanguageModel(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self._check_finite()
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
-        self.log_throughput(batch["input_ids"].numel() * self.trainer.world_size)  # all ranks' tokens
 
     # ---------------------------------------------------------------- validation / test on one scale
     def eval_sums(self, batch: dict, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +208,7 @@ class LanguageModel(L.LightningModule):
         self._check_finite()
 
     def on_validation_epoch_start(self) -> None:
+        self.flops_per_batch = None  # no FLOP count for evaluation batches (training steps set it again)
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         for m in (self.eval_nll, self.eval_tokens):
             m.reset()
