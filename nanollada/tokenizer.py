@@ -160,20 +160,28 @@ class Tokenizer:
         return self.render_chat([{"role": "user", "content": user_text}], add_generation_prompt=True)[0]
 
 
+def _training_texts(record: dict) -> list[str]:
+    """The texts of a pretrain or SFT record; ValueError (the reason) for anything else."""
+    if isinstance(record.get("text"), str):
+        return [record["text"]]
+    conv = record.get("conversations")
+    if isinstance(conv, list) and conv and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                               for m in conv):
+        return record_texts(record)
+    raise ValueError('not a pretrain or SFT record: need a string "text" or a non-empty "conversations" list of '
+                     '{"role", "content"} messages')
+
+
 def iter_training_texts(files: Sequence[str], max_chars: int = 4000) -> Iterator[str]:
-    """Texts of every record in the given jsonl(.gz) files, long texts cut into max_chars pieces."""
+    """Texts of every record in the given jsonl(.gz) files, long texts cut into max_chars pieces.
+
+    Read with ``nanollada.data.records.read_jsonl``: a bad line raises ``DataError("file:line: reason")``."""
+    from nanollada.data.records import read_jsonl  # records imports this module (ROLES)
     for f in files:
-        with open_text(f) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts = record_texts(json.loads(line))
-                except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{f}:{lineno}: not a pretrain or SFT record ({e})") from None
-                for t in texts:
-                    for i in range(0, len(t), max_chars):
-                        yield t[i:i + max_chars]
+        for _, texts in read_jsonl(str(f), _training_texts):
+            for t in texts:
+                for i in range(0, len(t), max_chars):
+                    yield t[i:i + max_chars]
 
 
 def train_tokenizer(files: Sequence[str], output_dir: str | os.PathLike, vocab_size: int = 8192,

@@ -266,6 +266,54 @@ def test_malformed_line_names_file_and_line(tmp_path, shipped_tokenizer, case, g
     assert any(f"{path}:3" in m for m in logs) and any("1 skipped" in m for m in logs)
 
 
+def _read_data(path):
+    return list(iter_records(str(path), "pretrain"))
+
+
+def _read_task(path):
+    from nanollada.evaluation.tasks import load_task_file
+    return load_task_file(str(path))
+
+
+def _read_tokenizer_texts(path):
+    from nanollada.tokenizer import iter_training_texts
+    return list(iter_training_texts([str(path)]))
+
+
+# The three callers of records.read_jsonl: data caches, evaluation task files, tokenizer training.
+READERS = {"data": _read_data, "task": _read_task, "tokenizer": _read_tokenizer_texts}
+BAD_JSONL = {"utf8": (b'{"text": "caf\xe9 \xff"}', "not valid UTF-8 (invalid continuation byte at byte 13)"),
+             "json": (b'{"text": "unterminated', "not valid JSON: Unterminated string starting at (column 10)"),
+             "not_object": (b'["text"]', "not a JSON object")}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+@pytest.mark.parametrize("case", sorted(BAD_JSONL))
+def test_one_jsonl_reader_names_file_and_line_for_every_caller(tmp_path, reader, case):
+    bad, reason = BAD_JSONL[case]
+    for gz in (False, True):
+        path = write_jsonl(tmp_path / ("x.jsonl.gz" if gz else "x.jsonl"), [{"text": "a"}, "", bad, {"text": "b"}])
+        with pytest.raises(DataError) as e:
+            READERS[reader](path)
+        assert str(e.value).startswith(f"{path}:3: {reason}"), str(e.value)
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_truncated_gzip_names_file_and_line(tmp_path, reader):
+    path = write_jsonl(tmp_path / "t.jsonl.gz", [{"text": t} for t in english_lines(400, seed=21)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=rf"^{path}:\d+: unreadable \("):
+        READERS[reader](path)
+
+
+def test_tokenizer_training_refuses_records_without_text(tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"text": "a"}, {"conversations": [{"role": "user", "content": "q"}]},
+                                                {"txt": "typo"}])
+    with pytest.raises(DataError, match=rf"^{path}:3: not a pretrain or SFT record"):
+        _read_tokenizer_texts(path)
+
+
 def test_many_bad_lines_are_all_counted(tmp_path):
     lines = [("{bad" if i % 3 == 0 else {"text": str(i)}) for i in range(30)]
     path = write_jsonl(tmp_path / "m.jsonl", lines)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from nanollada.tokenizer import ROLES
 
@@ -57,20 +59,67 @@ def _check(record, kind: str) -> str:
     return conv[0]["content"]
 
 
+def read_jsonl(path: str, parse: Callable[[dict], Any] | None = None, skip_bad_lines: bool = False,
+               stats: ReadStats | None = None, hint: str = "") -> Iterator[tuple[int, Any]]:
+    """The one JSON Lines reader (data files, evaluation task files, tokenizer training): yield
+    ``(line number, value)`` for every non-blank line of a .jsonl or .jsonl.gz file, streamed.
+
+    Each line must be UTF-8 JSON holding an object; ``value`` is that dict, or ``parse(dict)`` when given (a check
+    that raises ValueError with the reason). A bad line raises ``DataError("path:line: reason" + hint)``, or with
+    ``skip_bad_lines`` is counted in ``stats`` (the first five reasons kept) and skipped. A corrupt or truncated
+    gzip stream raises ``DataError("path:line: unreadable (...)")`` naming the line it stopped at (never skipped).
+    A missing file raises FileNotFoundError.
+    """
+    stats = stats if stats is not None else ReadStats()
+    # Lines are read as bytes and decoded one by one: a text-mode reader decodes whole chunks ahead, so a bad byte on
+    # line 3 would surface while reading line 1 and the error would name the wrong line.
+    with open_binary(path) as fh:
+        lineno = 0
+        while True:
+            try:
+                raw = fh.readline()
+            except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+                raise DataError(f"{path}:{lineno + 1}: unreadable ({type(e).__name__}: {e})") from None
+            if not raw:
+                return
+            lineno += 1
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"not valid JSON: {e.msg} (column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                value = parse(record) if parse is not None else record
+            except ValueError as e:
+                reason = f"{path}:{lineno}: {e}"
+                if not skip_bad_lines:
+                    raise DataError(reason + hint) from None
+                stats.skipped += 1
+                if len(stats.skipped_examples) < 5:
+                    stats.skipped_examples.append(reason)
+                continue
+            stats.records += 1
+            yield lineno, value
+
+
 def detect_kind(path: str) -> str:
     """``pretrain`` or ``sft`` from the first non-blank record of a file (``text`` vs ``conversations``)."""
-    with open_binary(path) as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if raw.strip():
-                try:
-                    record = json.loads(raw)
-                except ValueError as e:
-                    raise DataError(f"{path}:{lineno}: {e}") from None
-                if isinstance(record, dict) and "text" in record:
-                    return "pretrain"
-                if isinstance(record, dict) and "conversations" in record:
-                    return "sft"
-                raise DataError(f"{path}:{lineno}: neither a pretrain {{'text'}} nor an SFT {{'conversations'}} record")
+    def kind(record: dict) -> str:
+        if "text" in record:
+            return "pretrain"
+        if "conversations" in record:
+            return "sft"
+        raise ValueError("neither a pretrain {'text'} nor an SFT {'conversations'} record")
+
+    for _, k in read_jsonl(path, kind):
+        return k
     raise DataError(f"{path}: no records")
 
 
@@ -83,30 +132,9 @@ def iter_records(path: str, kind: str, skip_bad_lines: bool = False,
     """
     if kind not in ("pretrain", "sft"):
         raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
-    stats = stats if stats is not None else ReadStats()
-    # Lines are read as bytes and decoded one by one: a text-mode reader decodes whole chunks ahead, so a bad byte on
-    # line 3 would surface while reading line 1 and the error would name the wrong line.
-    with open_binary(path) as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                record = json.loads(line)
-                key = _check(record, kind)
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                reason = f"{path}:{lineno}: {e}"
-                if not skip_bad_lines:
-                    raise DataError(reason + " (set skip_bad_lines: true to skip and count such lines)") from None
-                stats.skipped += 1
-                if len(stats.skipped_examples) < 5:
-                    stats.skipped_examples.append(reason)
-                continue
-            stats.records += 1
-            yield key, record
+    for _, item in read_jsonl(path, lambda record: (_check(record, kind), record), skip_bad_lines, stats,
+                              hint=" (set skip_bad_lines: true to skip and count such lines)"):
+        yield item
 
 
 def open_binary(path: str):

@@ -27,13 +27,12 @@ Malformed files raise ``DataError("path:line: reason")``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanollada.data.records import SHARED_VAL_FRACTION, DataError, is_validation, iter_records, open_binary
+from nanollada.data.records import SHARED_VAL_FRACTION, DataError, is_validation, iter_records, read_jsonl
 
 FAMILIES = ("perplexity", "minimal_pairs", "multiple_choice", "cloze")
 DEFAULT_DATA_ROOT = "../shared/data"
@@ -137,41 +136,26 @@ def iter_task_file(path: str) -> Iterator[tuple[int, str, dict]]:
     """Yield (line number, family, record) for every non-blank line; the family comes from the first record and
     every later record must match it. Errors name ``path:line``."""
     family = None
+
+    def parse(record: dict) -> dict:
+        nonlocal family
+        fam = detect_family(record)
+        if family is None:
+            if fam is None:
+                raise ValueError(
+                    f"cannot tell the task family from the fields {sorted(record)}: expected "
+                    '{"text"} (perplexity), {"good","bad"} (minimal pairs), {"query" or "context","choices",'
+                    '"gold"} (multiple choice) or {"context","continuation"} (cloze)')
+            family = fam
+        elif fam != family:
+            raise ValueError(f"record of family {fam} in a {family} file (family set by the first record)")
+        return check_item(record, family)
+
     try:
-        fh = open_binary(path)
+        for lineno, record in read_jsonl(path, parse):  # errors: DataError("path:line: reason")
+            yield lineno, family, record
     except FileNotFoundError:
         raise DataError(f"task file not found: {path}") from None
-    with fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-                fam = detect_family(record)
-                if family is None:
-                    if fam is None:
-                        raise ValueError(
-                            f"cannot tell the task family from the fields {sorted(record)}: expected "
-                            '{"text"} (perplexity), {"good","bad"} (minimal pairs), {"query" or "context","choices",'
-                            '"gold"} (multiple choice) or {"context","continuation"} (cloze)')
-                    family = fam
-                elif fam != family:
-                    raise ValueError(f"record of family {fam} in a {family} file (family set by the first record)")
-                check_item(record, family)
-            except OSError as e:  # e.g. a truncated or corrupt gzip stream
-                raise DataError(f"{path}:{lineno}: unreadable ({e})") from None
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: {e}") from None
-            yield lineno, family, record
     if family is None:
         raise DataError(f"{path}: no records (empty task file)")
 
