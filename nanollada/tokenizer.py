@@ -18,10 +18,7 @@ encodes exactly as SentencePiece does.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
-import json
 import os
 import random
 import re
@@ -33,14 +30,6 @@ import sentencepiece as spm
 SPECIAL_PIECES = ("<|mask|>", "<|im_start|>", "<|im_end|>")
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tokenizer.model"
 ROLES = ("system", "user", "assistant")
-
-
-def open_text(path: str | os.PathLike) -> io.TextIOBase:
-    """Open .jsonl or .jsonl.gz as UTF-8 text (streamed, never read whole)."""
-    path = str(path)
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
 
 
 def record_texts(record: dict) -> list[str]:
