@@ -48,3 +48,10 @@ class TokenThroughputMonitor(ThroughputMonitor):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.kwargs["window_size"] = self.window_size or max(2, trainer.log_every_n_steps)
         super().setup(trainer, pl_module, stage)
+
+    # predict batches are prompts, not token rows: generation reports its own tokens/s per answer
+    def on_predict_start(self, trainer, pl_module) -> None:
+        pass
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        pass

@@ -75,6 +75,7 @@ def export_checkpoint(ckpt: str | os.PathLike, output: str | os.PathLike, dtype:
         "paradigm": meta["paradigm"],
         "data_kind": meta.get("data_kind", "pretrain"),
         "model_config": cfg.to_dict(),
+        "paradigm_config": dict(meta.get("paradigm_config", {})),
         "tied_embeddings": tied,
         "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if dtype is None else dtype,
         "num_params": sum(t.numel() for t in tensors.values()),
@@ -149,4 +150,4 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu",
         model.rope_cos, model.rope_sin = cos, sin  # keep the tables in float32, as Transformer builds them
     model = model.to(device).eval()
     return LoadedModel(model, tok, config["paradigm"], str(d), is_chat=config.get("data_kind") == "sft",
-                       metadata=config)
+                       metadata=config, paradigm_config=dict(config.get("paradigm_config", {})))

@@ -42,13 +42,15 @@ class LoadedModel:
     path: str
     is_chat: bool = False
     metadata: dict = field(default_factory=dict)  # e.g. an export's config.json
+    paradigm_config: dict = field(default_factory=dict)  # e.g. block diffusion's block size
 
     @property
     def interface(self):
         """The checkpoint's ``nanollada.paradigms.Paradigm`` (scoring and generation), from the registry."""
         if getattr(self, "_interface", None) is None:
             from nanollada.paradigms import paradigm_class
-            self._interface = paradigm_class(self.paradigm)(self.model, self.tokenizer, is_chat=self.is_chat)
+            self._interface = paradigm_class(self.paradigm)(self.model, self.tokenizer, is_chat=self.is_chat,
+                                                            config=self.paradigm_config)
         return self._interface
 
 
@@ -60,4 +62,4 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> LoadedMode
     model = Transformer(ModelConfig.from_dict(meta["model_config"]))
     model.load_state_dict(backbone_state(payload["state_dict"]))
     return LoadedModel(model.to(device).eval(), tokenizer, meta["paradigm"], str(path),
-                       is_chat=meta.get("data_kind") == "sft")
+                       is_chat=meta.get("data_kind") == "sft", paradigm_config=dict(meta.get("paradigm_config", {})))

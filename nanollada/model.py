@@ -3,8 +3,10 @@
 A MiniMind/Llama-style pre-norm decoder: RMSNorm, rotary position embeddings (RoPE), grouped-query attention through
 ``scaled_dot_product_attention``, SwiGLU feed-forward, tied input/output embeddings, no biases, no dropout.
 The backbone knows nothing about losses: ``ModelConfig.causal`` decides causal (AR) or bidirectional (diffusion)
-attention, an optional boolean ``attn_mask`` covers padding, packed-document boundaries and block masks, and a
-``KVCache`` serves incremental decoding (AR) and prefix caching (diffusion).
+attention, an optional boolean ``attn_mask`` covers padding, packed-document boundaries and block masks (the
+block-diffusion masks are the two small functions above ``Transformer``), explicit ``positions`` let block diffusion
+feed a noisy and a clean copy of one sequence, and a ``KVCache`` serves incremental decoding (AR), prefix caching
+(masked diffusion) and the exact cache of finished blocks (block diffusion).
 
 Shapes: B batch, T query length, S key length (cache + new), H heads, K kv heads, D head dim, V vocab.
 """
@@ -205,6 +207,43 @@ def document_attention_mask(doc_ids: torch.Tensor, causal: bool) -> torch.Tensor
     return mask[:, None]
 
 
+def block_causal_mask(length: int, block_size: int, device=None) -> torch.Tensor:
+    """(T, T) bool: position i may attend to j iff block(j) <= block(i), blocks of ``block_size`` from position 0
+    (bidirectional inside a block, causal across blocks). Block-diffusion decoding runs the model with this mask."""
+    blk = torch.arange(length, device=device) // block_size
+    return blk[None, :] <= blk[:, None]
+
+
+def block_diffusion_mask(doc_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Training attention of block diffusion (BD3-LM / LLaDA 2.0 eq. 3) on the input ``x_t ⊕ x_0`` of length 2L.
+
+    doc_ids (B, L) long: the document of each position (padding its own id, e.g. -1) -> bool (B, 1, 2L, 2L),
+    True = may attend. Index i < L is the noisy copy x_t of position i, index L + i the clean copy x_0; with
+    b(i) = (i mod L) // block_size:
+
+    - M_BD  (block diagonal): b(q) == b(k), both in the same half -- a noisy block sees itself, a clean block itself;
+    - M_OBC (offset block causal): b(q) > b(k), q in x_t, k in x_0 -- a noisy block sees the earlier clean blocks;
+    - M_BC  (block causal): b(q) >= b(k), both in x_0 -- the clean half is block-causal;
+
+    intersected with "same document" (packed rows; padding only sees padding). x_0 never attends to x_t. With
+    block_size = L it is plain bidirectional attention over x_t (masked diffusion); with 1, x_t position i sees
+    itself and x_0[< i] (next-token prediction from a mask). L must be a multiple of block_size.
+    """
+    B, L = doc_ids.shape
+    if L % block_size:
+        raise ValueError(f"sequence length {L} is not a multiple of block_size {block_size}")
+    idx = torch.arange(2 * L, device=doc_ids.device)
+    clean = idx >= L
+    blk = (idx % L) // block_size
+    same_half = clean[:, None] == clean[None, :]
+    m_bd = (blk[:, None] == blk[None, :]) & same_half
+    m_obc = (blk[:, None] > blk[None, :]) & ~clean[:, None] & clean[None, :]
+    m_bc = (blk[:, None] >= blk[None, :]) & clean[:, None] & clean[None, :]
+    docs = doc_ids.repeat(1, 2)  # (B, 2L)
+    same_doc = docs[:, :, None] == docs[:, None, :]
+    return ((m_bd | m_obc | m_bc)[None] & same_doc)[:, None]
+
+
 class Transformer(nn.Module):
     """Token ids (B, T) -> logits (B, T, V). The same module serves AR (causal) and diffusion (bidirectional)."""
 
@@ -243,19 +282,27 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         cache_pos: int = 0,
         inputs_embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T) or pre-computed inputs_embeds (B, T, d).
 
         attn_mask: optional bool (B or 1, 1, T, S), True = may attend, S = cache_pos + T. When the model is causal the
         causal constraint is added to it here, so callers pass only padding/document/block structure.
         kv_cache/cache_pos: write this call's keys/values at [cache_pos, cache_pos + T) and attend to [0, cache_pos + T).
+        positions: optional (T,) long RoPE positions of the T inputs (default cache_pos .. cache_pos + T - 1); block
+        diffusion feeds ``x_t ⊕ x_0`` with positions 0..L-1 twice.
         """
         x = self.embed(idx) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
         S = cache_pos + T
-        if S > self.cfg.max_seq_len:
+        if S > self.cfg.max_seq_len and positions is None:
             raise ValueError(f"sequence of {S} positions exceeds max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[cache_pos:S], self.rope_sin[cache_pos:S]
+        if positions is None:
+            cos, sin = self.rope_cos[cache_pos:S], self.rope_sin[cache_pos:S]
+        else:
+            if int(positions.max()) >= self.cfg.max_seq_len:
+                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         if self.cfg.causal and (attn_mask is not None or (cache_pos > 0 and T > 1)):
             causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=cache_pos)
             attn_mask = causal[None, None] if attn_mask is None else attn_mask & causal

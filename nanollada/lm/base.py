@@ -130,9 +130,15 @@ class LanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._restored = True
 
+    def paradigm_config(self) -> dict:
+        """What inference needs beyond the backbone (e.g. block diffusion's block size), saved in checkpoints and
+        handed to the paradigm's ``nanollada.paradigms`` class."""
+        return {}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nanollada"] = {
             "paradigm": self.paradigm, "model_config": self.config.to_dict(),
+            "paradigm_config": self.paradigm_config(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
             "data_kind": getattr(getattr(self.trainer, "datamodule", None), "kind", "pretrain"),
             "tokenizer_model": torch.frombuffer(bytearray(self.tokenizer.model_bytes), dtype=torch.uint8),
@@ -244,7 +250,8 @@ class LanguageModel(L.LightningModule):
         from nanollada.paradigms import paradigm_class
         data = getattr(self.trainer, "datamodule", None)
         iface = paradigm_class(self.paradigm)(self.model, self.tokenizer,
-                                              is_chat=getattr(data, "kind", "pretrain") == "sft")
+                                              is_chat=getattr(data, "kind", "pretrain") == "sft",
+                                              config=self.paradigm_config())
         settings = self.generation or GenerationSettings()
         return [{"index": int(i), **generate_text(iface, p, settings)} for i, p in zip(batch["index"], batch["prompt"])]
 

@@ -98,14 +98,16 @@ class Paradigm:
         model: The backbone (``nanollada.model.Transformer``) in eval mode.
         tokenizer: Its tokenizer (special ids, chat template).
         is_chat: The checkpoint was SFT-trained, so prompts get the chat template by default.
+        config: The checkpoint's ``paradigm_config`` (what inference needs beyond the backbone, e.g. block size).
     """
 
     name: ClassVar[str] = "base"
     exact_likelihood: ClassVar[bool] = True  # False: likelihoods are bounds / Monte-Carlo estimates
     supports_trace: ClassVar[bool] = False  # a denoising canvas to show step by step
 
-    def __init__(self, model, tokenizer, is_chat: bool = False):
+    def __init__(self, model, tokenizer, is_chat: bool = False, config: dict | None = None):
         self.model, self.tokenizer, self.is_chat = model, tokenizer, is_chat
+        self.config = dict(config or {})
 
     @property
     def device(self) -> torch.device:

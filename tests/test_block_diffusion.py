@@ -1,0 +1,238 @@
+"""Block diffusion (LLaDA 2.0 BDLM): the attention mask, the loss at the two extreme block sizes, the block-size
+schedule, exact block-cached decoding, and the tiny configs through fit / resume / predict / compare / eval."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CONFIGS, DATA, check_ok, fit_config, run_cli, scalars
+from nanollada.evaluation.block_likelihood import block_diffusion_elbo, block_diffusion_logits
+from nanollada.lm.block_diffusion import BlockSizeSchedule, block_diffusion_loss
+from nanollada.lm.diffusion import masked_diffusion_loss
+from nanollada.model import ModelConfig, Transformer, block_causal_mask, block_diffusion_mask, document_attention_mask
+from nanollada.sampling.block_diffusion import block_diffusion_generate, canvas_length
+from nanollada.sampling.diffusion import ConfidenceThreshold, LowConfidence
+
+V, MASK = 64, 63
+
+
+def tiny_model(layers=2, seed=0, max_len=128):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=layers, n_heads=4, n_kv_heads=2,
+                                   max_seq_len=max_len, causal=False)).eval()
+
+
+# ------------------------------------------------------------------------------------------------ the mask
+def test_mask_matches_the_facts_table_L4_B2():
+    """llada2-facts.md §1: L=4, B=2; rows = queries xt0..xt3, x00..x03; columns the same keys."""
+    table = [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0],
+             [0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0],
+             [0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0],
+             [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1]]
+    mask = block_diffusion_mask(torch.zeros(1, 4, dtype=torch.long), 2)
+    assert mask.shape == (1, 1, 8, 8)
+    assert mask[0, 0].int().tolist() == table
+
+
+def test_mask_respects_documents_and_never_lets_x0_see_xt():
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1]])
+    m = block_diffusion_mask(docs, 4)[0, 0]
+    L = 8
+    assert not m[L:, :L].any()  # x_0 never attends to x_t
+    d = docs[0].repeat(2)
+    assert not (m & (d[:, None] != d[None, :])).any()  # nothing crosses a document (padding -1 is its own)
+    assert m.diagonal().all()  # no empty row
+
+
+def test_block_causal_mask():
+    assert block_causal_mask(4, 2).int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_clean_half_is_independent_of_the_noisy_half():
+    model = tiny_model()
+    ids = torch.randint(0, MASK, (2, 8))
+    docs = torch.zeros(2, 8, dtype=torch.long)
+    positions = torch.arange(8).repeat(2)
+    out = []
+    for noisy in (ids, torch.full_like(ids, MASK)):
+        out.append(model(torch.cat([noisy, ids], 1), attn_mask=block_diffusion_mask(docs, 2), positions=positions))
+    assert torch.allclose(out[0][:, 8:], out[1][:, 8:], atol=1e-5)
+    assert not torch.allclose(out[0][:, :8], out[1][:, :8], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+def test_block_size_L_is_exactly_masked_diffusion_on_the_same_draws():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, MASK, (3, 16), generator=g)
+    docs = torch.tensor([[0] * 16, [0] * 8 + [1] * 8, [0] * 12 + [-1] * 4])
+    eligible = docs >= 0
+    p_mask = torch.tensor([0.2, 0.5, 0.9])
+    masked = (torch.rand(ids.shape, generator=g) < p_mask[:, None]) & eligible
+    noisy = torch.where(masked, MASK, ids)
+    bd = block_diffusion_logits(model, noisy, ids, docs, 16)
+    md = model(noisy, attn_mask=document_attention_mask(docs, causal=False))
+    assert torch.allclose(bd, md, atol=1e-5)
+    a = block_diffusion_loss(bd, ids, masked, eligible, p_mask[:, None].expand(3, 16))
+    b = masked_diffusion_loss(md, ids, masked, eligible, p_mask)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@torch.no_grad()
+def test_block_size_1_is_next_token_prediction_in_expectation():
+    """With blocks of one token, x_t position i sees only itself and x_0[< i]: its prediction is next-token
+    prediction from a mask token. The loss is unbiased: its mean over draws equals the all-masked loss, which equals
+    the causal computation position by position."""
+    model = tiny_model(layers=2)
+    ids = torch.randint(0, MASK, (1, 8), generator=torch.Generator().manual_seed(0))
+    docs = torch.zeros(1, 8, dtype=torch.long)
+    eligible = torch.ones(1, 8, dtype=torch.bool)
+    logits_all = block_diffusion_logits(model, torch.full_like(ids, MASK), ids, docs, 1)
+    exact = F.cross_entropy(logits_all[0], ids[0])  # E[loss] (p_mask = 1: every position masked, weight 1)
+    # the same number position by position: x_0[<i] then a mask at i, causal attention, RoPE positions 0..i
+    causal_ce = []
+    for i in range(8):
+        seq = torch.cat([ids[:, :i], torch.tensor([[MASK]])], 1)
+        out = model(seq, attn_mask=torch.ones(i + 1, i + 1, dtype=torch.bool).tril()[None, None])
+        causal_ce.append(F.cross_entropy(out[:, -1], ids[:, i]))
+    assert torch.allclose(exact, torch.stack(causal_ce).mean(), atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    draws = []
+    for _ in range(3000):
+        p = torch.rand(1, generator=g).clamp(min=0.05)
+        masked = torch.rand(1, 8, generator=g) < p
+        noisy = torch.where(masked, MASK, ids)
+        logits = block_diffusion_logits(model, noisy, ids, docs, 1)
+        draws.append(block_diffusion_loss(logits, ids, masked, eligible, p.expand(1, 8)))
+    d = torch.stack(draws)
+    assert abs(float(d.mean() - exact)) < 4 * float(d.std()) / math.sqrt(len(d))
+
+
+def test_elbo_with_zero_logits_is_L_log_V():
+    class Zero(torch.nn.Module):
+        def forward(self, ids, attn_mask=None, positions=None, inputs_embeds=None):
+            return torch.zeros(*ids.shape, V)
+    ids = torch.randint(0, MASK, (4, 8))
+    nll = block_diffusion_elbo(Zero(), ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids), MASK, 4,
+                               num_samples=64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(nll.mean(), torch.tensor(8 * math.log(V)), rtol=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def test_block_size_schedule_warmup_stable_decay():
+    s = BlockSizeSchedule(warmup_sizes=[1, 4, 32, 64], warmup_steps=8, stable_steps=4, decay_sizes=[64, 32],
+                          decay_steps=4)
+    got = [s(step, 128) for step in range(20)]
+    assert got == [1, 1, 4, 4, 32, 32, 64, 64, 128, 128, 128, 128, 64, 64, 32, 32, 32, 32, 32, 32]
+    assert BlockSizeSchedule(stable_steps=3)(10, 256) == 256
+    with pytest.raises(ValueError, match="warmup_sizes"):
+        BlockSizeSchedule(warmup_steps=5)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+@pytest.mark.parametrize("strategy", [LowConfidence(steps=3), ConfidenceThreshold(0.02)], ids=["lowconf", "thresh"])
+def test_block_cache_is_exact_on_a_multi_layer_model(strategy):
+    model = tiny_model(layers=4, seed=1)
+    prompt = torch.randint(0, MASK, (2, 11), generator=torch.Generator().manual_seed(2))  # a partial last block
+    G = canvas_length(11, 20, 8, 128)
+    assert (11 + G) % 8 == 0 and G >= 20
+    runs = []
+    for use_cache in (False, True):
+        log = []
+        out = block_diffusion_generate(model, prompt, gen_length=G, block_size=8, strategy=strategy, mask_id=MASK,
+                                       use_cache=use_cache, logits_log=log)
+        runs.append((out, log))
+    (a, la), (b, lb) = runs
+    assert torch.equal(a.tokens, b.tokens) and a.forwards == b.forwards == len(la) == len(lb)
+    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(la, lb))
+    assert torch.equal(a.tokens[:, :11], prompt)  # the prompt is never overwritten
+    assert b.forward_tokens < a.forward_tokens  # the cache feeds only uncached blocks
+    assert a.steps_per_block[0] >= 1 and len(a.steps_per_block) == (11 + G) // 8 - 11 // 8
+
+
+def test_eos_ends_block_decoding_early():
+    class EosModel(torch.nn.Module):
+        cfg = ModelConfig(vocab_size=V, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64, causal=False)
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, attn_mask=None, kv_cache=None, cache_pos=0, **_):
+            out = torch.zeros(*ids.shape, V)
+            out[..., 5] = 10.0  # eos everywhere, confidently
+            return out
+    out = block_diffusion_generate(EosModel(), torch.tensor([[1, 2, 3]]), gen_length=29, block_size=8,
+                                   strategy=ConfidenceThreshold(0.9), mask_id=MASK, eos_id=5, use_cache=False)
+    assert out.forwards == 1 and (out.generated == 5).all()
+
+
+# ------------------------------------------------------------------------------------------------ through the CLI
+STEPS = dict(max_steps=6, val_check_interval=6, limit_val_batches=1, log_every_n_steps=1)
+
+
+@pytest.fixture(scope="module")
+def bd_runs(tmp_path_factory):
+    """A tiny AR -> BDLM conversion run with a block-size schedule, then block-diffusion SFT from it."""
+    work = tmp_path_factory.mktemp("bd")
+    sched = {"class_path": "nanollada.lm.BlockSizeSchedule",
+             "init_args": {"warmup_sizes": [1, 4], "warmup_steps": 2, "stable_steps": 2, "decay_sizes": [16],
+                           "decay_steps": 2}}
+    conv = fit_config(work / "conv", "conv", base=CONFIGS / "tiny" / "block_diffusion_from_ar.yaml", trainer=STEPS,
+                      model=dict(init_from=None, block_schedule=sched, block_size=16),
+                      data=dict(seq_len=32, batch_size=4))
+    r = run_cli(["fit", "--config", conv], work, threads=1, timeout=300)
+    check_ok(r, "block-diffusion conversion fit")
+    conv_ckpt = work / "conv" / "checkpoints" / "last.ckpt"
+    sft = fit_config(work / "sft", "sft", base=CONFIGS / "tiny" / "block_diffusion_sft.yaml", trainer=STEPS,
+                     train_files=[DATA / "sft.jsonl"], model=dict(init_from=str(conv_ckpt), block_size=16, cap_lambda=0.5),
+                     data=dict(seq_len=96, batch_size=4, max_val_rows=4))
+    r = run_cli(["fit", "--config", sft], work, threads=1, timeout=300)
+    check_ok(r, "block-diffusion SFT fit")
+    return work, conv_ckpt, work / "sft" / "checkpoints" / "last.ckpt"
+
+
+def test_conversion_follows_the_block_size_schedule(bd_runs):
+    work, _, _ = bd_runs
+    sizes = scalars(work / "conv" / "logs" / "conv" / "version_0", "train/block_size")
+    assert [sizes[s] for s in sorted(sizes)] == [1, 4, 32, 32, 16, 16]  # warmup 1, 4; stable L=32; decay 16
+    nll = scalars(work / "conv" / "logs" / "conv" / "version_0", "val/nll")
+    assert all(0 < v < 2 * math.log(8192) for v in nll.values())
+
+
+def test_sft_logs_cap_and_decodes_through_predict_compare_eval(bd_runs):
+    work, conv, sft = bd_runs
+    assert scalars(work / "sft" / "logs" / "sft" / "version_0", "train/cap_entropy")
+    out = work / "p.jsonl"
+    r = run_cli(["predict", "--ckpt", sft, "--prompt", "Name three colours.", "--max_new_tokens", "16",
+                 "--strategy", "threshold", "--threshold", "0.9", "--block_length", "16", "--output", out], work)
+    check_ok(r, "predict")
+    rec = json.loads(out.read_text().splitlines()[0])
+    assert rec["paradigm"] == "block_diffusion" and rec["block_length"] == 16
+    assert (rec["prompt_tokens"] + rec["generated_tokens"]) % 16 == 0
+    assert sum(rec["steps_per_block"]) == rec["forwards"] >= 1
+    cmp_out = work / "cmp.json"
+    r = run_cli(["compare", "--ckpt", f"[{sft}]", "--prompt", "Hi", "--max_new_tokens", "8", "--strategies",
+                 "[threshold, low_confidence]", "--output", cmp_out], work)
+    check_ok(r, "compare")
+    runs = [s["run"] for s in json.loads(cmp_out.read_text())["summary"]]
+    assert runs == ["block_diffusion/threshold", "block_diffusion/low_confidence"]
+    pairs = work / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"good": "the cat sat on the mat", "bad": "cat the mat on sat the"})
+                               for _ in range(3)) + "\n")
+    ev = work / "ev.json"
+    r = run_cli(["eval", "--ckpt", conv, "--tasks", pairs, "--samples", "2", "--output", ev], work)
+    check_ok(r, "eval")
+    res = json.loads(ev.read_text())
+    task = next(iter(res["results"].values()))["pairs"]
+    assert task["estimate"].startswith("block_elbo_b16") and 0 <= task["accuracy"] <= 1
+
+
+def test_seq_len_must_be_a_multiple_of_the_block_size(tmp_path):
+    cfg = fit_config(tmp_path, "bad", base=CONFIGS / "tiny" / "block_diffusion_pretrain.yaml", trainer=STEPS,
+                     data=dict(seq_len=40, batch_size=2))
+    r = run_cli(["fit", "--config", cfg], tmp_path, threads=1, timeout=300)
+    assert r.returncode != 0 and "data.seq_len=40 is not a multiple of the block size 32" in r.stderr
