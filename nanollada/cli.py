@@ -36,7 +36,17 @@ class NanoLLaDACLI(LightningCLI):
             parser.add_class_arguments(GenerationSettings, "generation", instantiate=False)
             parser.add_argument("--output", type=str, default="predictions.jsonl",
                                 help="JSONL file for the answers, one line per prompt in input order")
+        if subcommand in ("validate", "test"):
+            parser.add_argument("--results_json", type=str | None, default=None,
+                                help="also write the logged val/* (test/*) metrics and the checkpoint path to this "
+                                     "JSON file (what scripts/pipeline.py reads)")
         return parser
+
+    def after_validate(self) -> None:
+        write_results_json(self.trainer, "validate", self.config["validate"].get("results_json"))
+
+    def after_test(self) -> None:
+        write_results_json(self.trainer, "test", self.config["test"].get("results_json"))
 
     def before_predict(self) -> None:
         from nanollada.generate import GenerationSettings
@@ -47,6 +57,23 @@ class NanoLLaDACLI(LightningCLI):
         except ValueError as e:
             raise SystemExit(f"nanollada predict: {e}".replace("--", "--generation.", 1))
         self.trainer.callbacks.append(JSONLPredictionWriter(cfg["output"]))
+
+
+def write_results_json(trainer, subcommand: str, path: str | None) -> None:
+    """``{"subcommand", "ckpt_path", "metrics": {"val/nll": ..., ...}}`` from the trainer's logged metrics (already
+    summed over ranks), written atomically by rank 0."""
+    if not path or not trainer.is_global_zero:
+        return
+    import json
+    import os
+    prefix = "val/" if subcommand == "validate" else "test/"
+    metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(prefix)}
+    ckpt = trainer.ckpt_path
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump({"subcommand": subcommand, "ckpt_path": str(ckpt) if ckpt else None, "metrics": metrics}, fh,
+                  indent=1)
+    os.replace(tmp, path)
 
 
 def lightning_main(command: str, args: list[str] | None) -> None:

@@ -5,6 +5,7 @@ The training runs are real ``python -m nanollada fit`` subprocesses (one intra-o
 2-core box), with every output (logs, checkpoints, token cache) under a temporary directory.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -148,6 +149,27 @@ def test_throughput_and_lr_come_from_lightning_callbacks(full_and_first_part):
     ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     ea.Reload()
     assert not {"train/lr", "train/tokens_per_s"} & set(ea.Tags()["scalars"])
+
+
+def test_validate_and_test_write_results_json(full_and_first_part):
+    """`nanollada validate|test --results_json F` write the logged metrics as JSON (what scripts/pipeline.py reads):
+    run A's last checkpoint scores exactly what A logged at its final validation (step 30, same weights, same rows)."""
+    A = full_and_first_part["A"]
+    ckpt = A / "checkpoints" / "last.ckpt"
+    procs = {sub: start_cli([sub, "--config", A / "A.yaml", "--ckpt_path", ckpt, "--trainer.logger=false",
+                             "--trainer.limit_test_batches", TRAINER["limit_val_batches"],
+                             "--results_json", A / f"{sub}.json"], cwd=A) for sub in ("validate", "test")}
+    for sub, p in procs.items():
+        check_ok(finish(p, timeout=180), sub)
+    series = {k: scalars(A / "logs" / "A" / "version_0", f"val/{k}") for k in ("nll", "ppl", "tokens", "loss")}
+    logged = {k: v[max(v)] for k, v in series.items()}  # the final validation
+    for sub, prefix in (("validate", "val"), ("test", "test")):
+        res = json.loads((A / f"{sub}.json").read_text())
+        assert res["subcommand"] == sub and res["ckpt_path"] == str(ckpt)
+        assert set(res["metrics"]) == {f"{prefix}/{k}" for k in logged}
+        for k, v in logged.items():
+            assert res["metrics"][f"{prefix}/{k}"] == pytest.approx(v, rel=1e-5), (sub, k)
+    assert logged["tokens"] == TRAINER["limit_val_batches"] * DATA_ARGS["batch_size"] * DATA_ARGS["seq_len"]
 
 
 def test_checkpoints_are_weights_only_loadable(full_and_first_part):

@@ -17,8 +17,9 @@ float64 on the CPU. Shapes: N items.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, ClassVar
 
 import torch
@@ -52,17 +53,42 @@ class ScoringSettings:
         batch_size: Sequences per forward.
         samples: Monte-Carlo samples of the estimators that need them (diffusion ELBO draws / conditional samples).
         seed: Seed of every random draw, so results are repeatable.
+        stride: Tokens scored per window after the first when a text is longer than ``max_seq_len``
+            (:func:`rolling_windows`); None = half of ``max_seq_len``.
     """
 
     batch_size: int = 16
     samples: int = 8
     seed: int = 0
+    stride: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+
+
+def rolling_windows(row: list[int], max_len: int, stride: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(context, target) windows that score every token of a bos-first ``row`` once within ``max_len``.
+
+    The first window is (``row[:1]``, ``row[1:max_len]``); each later one scores the next ``stride`` tokens
+    (default ``max_len // 2``, at most ``max_len - 2``; the last window may be shorter) with bos plus the
+    ``max_len - 1 - len(target)`` (at least one) tokens just before them as context, so every window is at most
+    ``max_len`` tokens and starts with bos. A row that fits has one window."""
+    stride = max(1, max_len // 2) if stride is None else stride
+    if not 1 <= stride <= max_len - 2:  # bos + at least one token of context
+        raise ValueError(f"stride must be in [1, max_seq_len - 2 = {max_len - 2}], got {stride}")
+    windows = [(row[:1], row[1:max_len])]
+    pos = max_len
+    while pos < len(row):
+        end = min(pos + stride, len(row))
+        room = max_len - 1 - (end - pos)
+        windows.append((row[:1] + row[max(1, pos - room):pos], row[pos:end]))
+        pos = end
+    return windows
 
 
 def cpu_generator(seed: int) -> torch.Generator:
@@ -137,6 +163,30 @@ class Paradigm:
         """Exactly ``lengths[i]`` greedily decoded tokens after every prompt (no early stop), batched."""
         raise NotImplementedError
 
+    def rolling_nll(self, rows: list[list[int]], s: ScoringSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL in nats of every row's tokens after its first (bos), however long the row: (nll (N,), tokens (N,)).
+
+        A row that fits ``max_seq_len`` is scored whole by :meth:`sequence_nll` (so short rows get exactly its
+        numbers); a longer one is scored in the windows of :func:`rolling_windows`: its first ``max_seq_len``
+        tokens by :meth:`sequence_nll`, then ``s.stride`` new tokens per window by :meth:`conditional_logprob`, each
+        window seeing bos and the tokens just before it. Every token is scored once. Exact for exact paradigms (with
+        at most ``max_seq_len - 1`` tokens of context), a bound where ``sequence_nll`` / ``conditional_logprob``
+        are bounds."""
+        max_len = self.model.cfg.max_seq_len
+        nll, n = self.sequence_nll([r[:max_len] for r in rows], s)
+        nll, n = nll.clone(), n.clone()
+        ctxs, tgts, owner = [], [], []
+        for i, r in enumerate(rows):
+            for c, t in rolling_windows(r, max_len, s.stride)[1:]:
+                ctxs.append(c)
+                tgts.append(t)
+                owner.append(i)
+        if ctxs:
+            lp, cnt = self.conditional_logprob(ctxs, tgts, s)
+            nll.index_add_(0, torch.tensor(owner), -lp.to(nll.dtype))
+            n.index_add_(0, torch.tensor(owner), cnt.to(n.dtype))
+        return nll, n
+
     def estimate(self, family: str, s: ScoringSettings) -> str:
         """How ``family``'s numbers were obtained: ``exact`` or a named estimator with its sample count."""
         return "exact"
@@ -149,6 +199,11 @@ class Paradigm:
         ``on_step(tokens)`` is called as the answer grows (AR: after every token with the answer so far; diffusion:
         after every step with the canvas so far, masks as ``tokenizer.mask_id``); a true return value stops it."""
         raise NotImplementedError
+
+    def decoding_key(self, settings) -> str:
+        """A key that two ``GenerationSettings`` share exactly when this paradigm decodes them identically (a
+        sweep runs each key once). Default: every field counts; paradigms narrow it to the fields they read."""
+        return json.dumps(asdict(settings), sort_keys=True, default=str)
 
     def comparison_runs(self, settings, strategies: list[str]) -> list[tuple[str, object]]:
         """(run label, settings) pairs that ``compare`` runs for this model (one per decoding strategy that applies)."""
