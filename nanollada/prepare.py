@@ -4,7 +4,8 @@
 that config would build (same files, kind, tokenizer, validation split and SFT truncation, so the cache keys match
 and training starts at once), or ``nanollada prepare --files a.jsonl.gz b.jsonl --kind sft`` any set of files. A
 second run finds every cache and only prints the summary. Caches are built by ``nanollada.data.cache.build_cache``
-(streaming, atomic); this module only adds a progress line every ``progress_every`` records and the summary:
+(streaming, atomic); this module only adds a progress line every ``progress_every`` records (through
+``build_cache``'s ``progress`` callback) and the summary:
 
     | file | language | kind | train docs | val docs | tokens | val tokens | characters | chars/token | skipped | ...
 
@@ -15,7 +16,6 @@ with one total row per language (``en`` / ``zh`` from the file name: ``en-gutenb
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nanollada.data import cache as cache_module
 from nanollada.data.cache import build_cache, cache_key, missing_data_message
 from nanollada.data.records import SHARED_VAL_FRACTION
 from nanollada.tokenizer import Tokenizer
@@ -71,26 +70,16 @@ def language(path: str | os.PathLike) -> str:
     return next((p for p in parts if p in ("en", "zh")), "other")
 
 
-@contextlib.contextmanager
-def _progress(every: int, log):
-    """Log a line every ``every`` records read by build_cache (wraps its iter_records; behaviour unchanged)."""
-    original = cache_module.iter_records
+def progress_printer(name: str, every: int, log):
+    """A ``build_cache`` progress callback logging a line every ``every`` records (None when ``every`` <= 0)."""
     if not every or every <= 0:
-        yield
-        return
+        return None
+    start = time.time()
 
-    def counting(path, kind, skip_bad_lines=False, stats=None):
-        start = time.time()
-        for n, item in enumerate(original(path, kind, skip_bad_lines, stats), 1):
-            if n % every == 0:
-                log(f"[prepare] {Path(path).name}: {n:,} records read, {n / max(time.time() - start, 1e-9):,.0f}/s")
-            yield item
-
-    cache_module.iter_records = counting
-    try:
-        yield
-    finally:
-        cache_module.iter_records = original
+    def progress(n: int) -> None:
+        if n % every == 0:
+            log(f"[prepare] {name}: {n:,} records read, {n / max(time.time() - start, 1e-9):,.0f}/s")
+    return progress
 
 
 def prepare_files(files: Sequence[str], kind: str, tokenizer: str | os.PathLike | Tokenizer | None = None,
@@ -104,24 +93,35 @@ def prepare_files(files: Sequence[str], kind: str, tokenizer: str | os.PathLike 
     """
     if kind not in ("pretrain", "sft"):
         raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
-    if weights is not None and len(weights) != len(files):
-        raise ValueError(f"{len(weights)} weights for {len(files)} files")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    jobs = [dict(path=f, kind=kind, tokenizer=tok, cache_root=cache_dir, val_fraction=val_fraction,
+                 skip_bad_lines=skip_bad_lines, max_len=max_len) for f in files]
+    return prepare_jobs(jobs, weights, progress_every, log)
+
+
+def prepare_jobs(jobs: Sequence[dict], weights: Sequence[float] | None = None, progress_every: int = 20_000,
+                 log=print) -> PrepareResult:
+    """Build (or find) the caches of ``build_cache`` argument dicts (``LMDataModule.cache_jobs()``) and summarise."""
+    if weights is not None and len(weights) != len(jobs):
+        raise ValueError(f"{len(weights)} weights for {len(jobs)} files")
     out = []
-    for i, f in enumerate(files):
+    for i, job in enumerate(jobs):
+        f, tok = job["path"], job["tokenizer"]
         if not os.path.isfile(f):
             raise FileNotFoundError(missing_data_message(f))
-        reused = (Path(cache_dir) / cache_key(f, kind, tok, val_fraction, max_len) / "meta.json").is_file()
+        reused = (Path(job["cache_root"]) / cache_key(f, job["kind"], tok, job["val_fraction"], job["max_len"])
+                  / "meta.json").is_file()
         start = time.time()
-        with _progress(progress_every, log):
-            d = build_cache(f, kind, tok, cache_dir, val_fraction, skip_bad_lines, max_len, log=log)
+        d = build_cache(**job, log=log, progress=progress_printer(Path(f).name, progress_every, log))
         meta = json.loads((d / "meta.json").read_text())
         tr, va = meta["train"], meta["val"]
         out.append(FileSummary(
-            file=str(f), language=language(f), kind=kind, weight=float(weights[i]) if weights is not None else 1.0,
+            file=str(f), language=language(f), kind=job["kind"],
+            weight=float(weights[i]) if weights is not None else 1.0,
             train_docs=tr["documents"], val_docs=va["documents"], tokens=tr["tokens"] + va["tokens"],
             val_tokens=va["tokens"], characters=tr["characters"] + va["characters"], skipped=meta["skipped"],
             truncated=meta["truncated"], reused=reused, seconds=round(time.time() - start, 2), cache=str(d)))
+    tok = jobs[0]["tokenizer"] if jobs else Tokenizer()
     return PrepareResult(out, str(tok.path), tok.vocab_size)
 
 
@@ -181,13 +181,35 @@ def format_summary(result: PrepareResult) -> str:
     return text
 
 
-def config_data(path: str | os.PathLike) -> dict:
-    """The fit config's sections (YAML), with ``data`` resolved like LMDataModule does."""
+def resolve_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict:
+    """A fit config's ``data`` section resolved as ``nanollada fit`` resolves it, plus its ``trainer`` section.
+
+    ``data`` is parsed by jsonargparse against ``LMDataModule``'s signature: its defaults fill the keys the YAML
+    leaves out, types are checked and unknown keys are errors, and LightningCLI-style ``--data.KEY=VALUE``
+    overrides apply in order. ``trainer`` (only read for the token budget) is the YAML's, with ``--trainer.KEY=VALUE``
+    overrides. Other overrides (``--model.*``) do not concern the data and are ignored.
+    """
     import yaml
+    from jsonargparse import ArgumentParser
+    from jsonargparse import ArgumentError as ParseError
+
+    from nanollada.data.datamodule import LMDataModule
     config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(config.get("data"), dict) or not config["data"].get("train_files"):
         raise ValueError(f"{path}: no data.train_files")
-    return config
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(LMDataModule, "data")
+    try:
+        ns = parser.parse_args([f"--data={json.dumps(config['data'])}",
+                                *(a for a in overrides if a.startswith("--data."))])
+    except ParseError as e:
+        raise ValueError(f"{path}: data section: {e}".replace("\n", " ")) from None
+    trainer = dict(config.get("trainer") or {})
+    for a in overrides:
+        if a.startswith("--trainer."):
+            key, _, value = a[len("--trainer."):].partition("=")
+            trainer[key] = yaml.safe_load(value)
+    return {"data": ns.data.as_dict(), "trainer": trainer}
 
 
 def resolve_files(files: Sequence[str], data_root: str | None) -> list[str]:
@@ -197,16 +219,16 @@ def resolve_files(files: Sequence[str], data_root: str | None) -> list[str]:
 
 
 def prepare_config(path: str | os.PathLike, cache_dir: str | None = None, tokenizer: str | None = None,
-                   progress_every: int = 20_000, log=print) -> PrepareResult:
-    """``prepare_files`` with a fit config's data settings (overridable cache_dir / tokenizer)."""
-    config = config_data(path)
-    d = config["data"]
-    kind = d.get("kind", "pretrain")
-    result = prepare_files(
-        resolve_files(d["train_files"], d.get("data_root")), kind, tokenizer or d.get("tokenizer"),
-        cache_dir or d.get("cache_dir", "data/cache"), d.get("val_fraction", SHARED_VAL_FRACTION),
-        bool(d.get("skip_bad_lines", False)), d.get("seq_len", 256) if kind == "sft" else None, d.get("weights"),
-        progress_every, log)
+                   progress_every: int = 20_000, log=print, overrides: Sequence[str] = ()) -> PrepareResult:
+    """The caches ``nanollada fit --config path [overrides]`` builds: the data section resolved by
+    ``resolve_config``, an ``LMDataModule`` built from it and its own ``cache_jobs()`` (so the cache keys are the
+    datamodule's by construction). ``cache_dir`` / ``tokenizer`` override the config's."""
+    from nanollada.data.datamodule import LMDataModule
+    overrides = list(overrides) + [f"--data.{k}={v}" for k, v in (("cache_dir", cache_dir), ("tokenizer", tokenizer))
+                                   if v]
+    config = resolve_config(path, overrides)
+    dm = LMDataModule(**config["data"])
+    result = prepare_jobs(dm.cache_jobs(), dm.weights, progress_every, log)
     result.budget = token_budget(result, config)
     return result
 

@@ -52,10 +52,6 @@ def test_prepare_files_numbers_and_reuse(corpus, tmp_path, tiny_tokenizer_path, 
     assert "| **en total** | en |" in table and "| **zh total** | zh |" in table and "| **total** |" in table
     assert f"{r.files[0].tokens + r.files[1].tokens:,}" in table
 
-    from nanollada.data import cache
-    from nanollada.data.records import iter_records
-    assert cache.iter_records is iter_records  # the progress wrapper is removed again
-
     again = prepare_files(files, "pretrain", tiny_tokenizer_path, str(tmp_path / "cache"), val_fraction=0.1,
                           skip_bad_lines=True, log=logs.append)
     assert all(f.reused for f in again.files)
@@ -134,3 +130,37 @@ def test_language_from_file_name():
     from nanollada.prepare import language
     assert [language(f) for f in ("x/en-gutenberg.jsonl.gz", "alpaca-en.jsonl.gz", "sharegpt-zh-1k.jsonl.gz",
                                   "zh-poetry.jsonl", "data/pretrain.jsonl")] == ["en", "en", "zh", "zh", "other"]
+
+
+# ------------------------------------------------------------------------------------------------ resolved like fit
+def test_prepare_config_resolves_data_like_fit(tmp_path, tiny_tokenizer_path):
+    """The data section goes through jsonargparse against LMDataModule's signature: LMDataModule's defaults fill the
+    keys a config leaves out (here seq_len, the SFT truncation in the cache key), LightningCLI-style overrides apply,
+    and a misspelt key is an error instead of a silently ignored setting."""
+    from nanollada.data.datamodule import LMDataModule
+    from nanollada.prepare import prepare_config
+    convs = [{"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in zip(english_lines(40, seed=4, words=8), english_lines(40, seed=5, words=200))]
+    f = write_jsonl(tmp_path / "sft-en.jsonl", convs)
+    data = {"train_files": [str(f)], "kind": "sft", "tokenizer": str(tiny_tokenizer_path),
+            "cache_dir": str(tmp_path / "cache")}
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"max_steps": 3}, "data": data}))
+    r = prepare_config(path, log=lambda m: None)
+    assert [s.cache for s in r.files] == [str(d) for d in LMDataModule(**data)._cache_dirs()]  # seq_len default
+    assert r.files[0].truncated > 0  # 200-word answers exceed LMDataModule's default seq_len
+    r20 = prepare_config(path, overrides=["--data.seq_len=20"], log=lambda m: None)
+    assert [s.cache for s in r20.files] == [str(d) for d in LMDataModule(**data, seq_len=20)._cache_dirs()]
+    assert r20.files[0].tokens < r.files[0].tokens
+    path.write_text(yaml.safe_dump({"data": {**data, "seq_lenn": 64}}))
+    with pytest.raises(ValueError, match="seq_lenn"):
+        prepare_config(path, log=lambda m: None)
+
+
+def test_build_cache_progress_is_a_callback(tmp_path, tiny_tokenizer_path, tiny_tokenizer):
+    from nanollada.data.cache import build_cache
+    f = write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in english_lines(25, seed=6)])
+    seen = []
+    build_cache(str(f), "pretrain", tiny_tokenizer, str(tmp_path / "cache"), 0.1, log=lambda m: None,
+                progress=seen.append)
+    assert seen == list(range(1, 26))  # records read so far, after each record

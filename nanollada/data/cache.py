@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -74,10 +75,12 @@ def missing_data_message(path: str) -> str:
 
 
 def build_cache(path: str, kind: str, tokenizer: Tokenizer, cache_root: str, val_fraction: float,
-                skip_bad_lines: bool = False, max_len: int | None = None, log=print) -> Path:
+                skip_bad_lines: bool = False, max_len: int | None = None, log=print,
+                progress: Callable[[int], None] | None = None) -> Path:
     """Tokenize ``path`` into ``cache_root/<key>/`` unless that cache exists; return the directory.
 
-    ``max_len`` truncates SFT conversations (counted in meta.json as ``truncated``).
+    ``max_len`` truncates SFT conversations (counted in meta.json as ``truncated``). ``progress(n)`` is called after
+    each record read while building (n = records so far; e.g. ``nanollada prepare``'s progress lines).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(missing_data_message(path))
@@ -107,7 +110,9 @@ def build_cache(path: str, kind: str, tokenizer: Tokenizer, cache_root: str, val
         batch.clear()
 
     try:
-        for item in iter_records(path, kind, skip_bad_lines, stats):
+        for n, item in enumerate(iter_records(path, kind, skip_bad_lines, stats), 1):
+            if progress is not None:
+                progress(n)
             batch.append(item)
             if len(batch) == 512:
                 flush()

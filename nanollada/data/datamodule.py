@@ -140,10 +140,16 @@ class LMDataModule(L.LightningDataModule):
         self.tokenizer = Tokenizer(tokenizer)
         self.train_set = self.val_set = None
 
+    def cache_jobs(self) -> list[dict]:
+        """``build_cache`` arguments of every file, in order: the one definition of this data's cache keys
+        (``nanollada prepare --config`` builds exactly these)."""
+        max_len = self.seq_len if self.kind == "sft" else None  # SFT conversations are truncated to seq_len
+        return [dict(path=f, kind=self.kind, tokenizer=self.tokenizer, cache_root=self.hparams.cache_dir,
+                     val_fraction=self.hparams.val_fraction, skip_bad_lines=self.hparams.skip_bad_lines,
+                     max_len=max_len) for f in self.files]
+
     def _cache_dirs(self) -> list:
-        max_len = self.seq_len if self.kind == "sft" else None
-        return [build_cache(f, self.kind, self.tokenizer, self.hparams.cache_dir, self.hparams.val_fraction,
-                            self.hparams.skip_bad_lines, max_len) for f in self.files]
+        return [build_cache(**job) for job in self.cache_jobs()]
 
     def _predicting(self) -> bool:
         return self.trainer is not None and self.trainer.state.fn == "predict"
