@@ -199,7 +199,7 @@ COMMANDS["export"] = export_command
 
 
 def eval_command(argv: list[str]) -> None:
-    """score checkpoints on perplexity / minimal-pair / multiple-choice / cloze tasks: JSON and a markdown table"""
+    """score checkpoints on perplexity, minimal-pair, choice, cloze and raw-text tasks: JSON and a markdown table"""
     import json
     import sys
 
@@ -212,31 +212,52 @@ def eval_command(argv: list[str]) -> None:
                "ppl-en-gutenberg, ppl-zh-modern (validation records of <data_root>/pretrain/<source>.jsonl.gz); "
                "ppl:<pretrain file>; or a path to any jsonl(.gz) task file, whose family is detected from the first "
                'record: {"text"} perplexity, {"good","bad"} minimal pairs, {"query"|"context","choices","gold"} '
-               'multiple choice, {"context","continuation"} cloze.')
+               'multiple choice, {"context_options","continuation","gold"} context choice (Winogrande), '
+               '{"context","continuation"} cloze (LAMBADA); or a .txt file: rolling perplexity (token, word, byte) '
+               "of its documents.")
     parser.add_argument("--ckpt", action="extend", nargs="+", required=True,
                         help="checkpoint(s); repeat or list several for a side-by-side table")
     parser.add_argument("--tasks", action="extend", nargs="+", required=True, help="task names or files")
     parser.add_argument("--limit", type=int, default=None,
-                        help="at most N items per task (first N; round-robin over phenomena/subjects)")
+                        help="at most N items per task, spread evenly over the file (shared round-robin over "
+                             "phenomena/subjects first)")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the diffusion estimators")
     parser.add_argument("--seed", type=int, default=0, help="seed of the diffusion estimators")
     parser.add_argument("--data_root", default=None,
                         help=f"data directory (default: $NANOLLADA_DATA, else {DEFAULT_DATA_ROOT})")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="texts longer than max_seq_len are scored in windows: tokens scored per window after "
+                             "the first (default max_seq_len // 2)")
+    parser.add_argument("--text_split", default="auto", choices=["auto", "blank", "heading", "file"],
+                        help=".txt tasks: documents end at blank lines, start at headings (markdown '# ' or "
+                             "WikiText ' = Title = '), or the file is one document; auto: heading if the file has one")
+    parser.add_argument("--strategies", nargs="*", default=None,
+                        help="cloze tasks: the diffusion decoders whose greedy completion is scored (default: every "
+                             "registered strategy; give none for only the one-block greedy continuation)")
     parser.add_argument("--output", default=None, help="JSON file for the full results")
     parser.add_argument("--markdown", default=None, help="markdown file for the table (+ per-phenomenon tables)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     args = parser.parse_args(argv)
     try:
-        settings = EvalSettings(batch_size=args.batch_size, samples=args.samples, seed=args.seed)
+        settings = EvalSettings(batch_size=args.batch_size, samples=args.samples, seed=args.seed, stride=args.stride)
         tasks = []
         for spec in args.tasks:
-            tasks.append(resolve_task(spec, args.data_root, args.limit))
-            print(f"[eval] task {tasks[-1].name}: {tasks[-1].family}, {len(tasks[-1].items)} items "
-                  f"from {tasks[-1].path}", file=sys.stderr)
+            tasks.append(resolve_task(spec, args.data_root, args.limit, args.text_split))
+            t = tasks[-1]
+            notes = "".join(f"; {lang} prompt {v['template']!r} + {v['delimiter']!r} + choice ({v['items']} items)"
+                            for lang, v in t.notes.get("query_templates", {}).items())
+            notes += f"; documents split at {t.notes['split']} lines" if t.family == "rolling_perplexity" else ""
+            print(f"[eval] task {t.name}: {t.family}, {len(t.items)} items from {t.path}"
+                  + (f" ({t.total} available)" if t.total and t.total > len(t.items) else "")
+                  + (f", chance {t.chance:.1%}" if t.chance is not None else "") + notes, file=sys.stderr)
     except (DataError, ValueError) as e:
         raise SystemExit(f"nanollada eval: {e}")
-    result = run_eval(args.ckpt, tasks, settings, _device(args.device), _load, log=lambda m: print(m, file=sys.stderr))
+    try:
+        result = run_eval(args.ckpt, tasks, settings, _device(args.device), _load,
+                          log=lambda m: print(m, file=sys.stderr), strategies=args.strategies)
+    except ValueError as e:  # e.g. an unknown strategy, or a stride that does not fit max_seq_len
+        raise SystemExit(f"nanollada eval: {e}")
     table = format_markdown(result)
     print(format_markdown(result, groups=False))
     if args.markdown:

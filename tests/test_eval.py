@@ -101,9 +101,13 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(shipped_tokenizer)
     assert r["ppl"] == pytest.approx(tok.vocab_size, rel=1e-4)
     d = evaluate_task(crafted(tok, None, False), task, SETTINGS)  # ELBO: unbiased, noisy
     assert d["tokens"] == r["tokens"] and 0.5 < d["nats_per_token"] / math.log(tok.vocab_size) < 1.5
-    long = Task("p", "perplexity", "x", [{"text": text * 10}])  # longer than max_seq_len=64: truncated
-    r = evaluate_task(crafted(tok, None, True), long, SETTINGS)
-    assert r["truncated"] == 1 and r["tokens"] == 63
+    long = Task("p", "perplexity", "x", [{"text": text * 10}])  # longer than max_seq_len=64: windows, every token
+    n_long = len(tok.encode(text * 10)) + 1
+    for causal in (True, False):
+        r = evaluate_task(crafted(tok, None, causal), long, SETTINGS)
+        assert r["tokens"] == n_long > 63 and r["windowed"] == 1 and r["truncated"] == 0 and r["stride"] == 32
+        assert r["windows"] == 1 + math.ceil((n_long - 63) / 32)
+        assert r["nats_per_token"] == pytest.approx(math.log(tok.vocab_size), rel=1e-5 if causal else 0.5)
 
 
 def test_fit_length_keeps_bos_and_the_start_of_the_target():
@@ -122,17 +126,20 @@ def test_family_detection():
     assert detect_family({"question": "q"}) is None and detect_family([1]) is None
 
 
-def test_limit_is_round_robin_over_phenomena_and_first_n_otherwise(tmp_path):
-    recs = [{"phenomenon": p, "good": f"{p}{i}", "bad": "x"} for p, n in (("A", 3), ("B", 3), ("C", 1))
+def test_limit_is_spread_evenly_and_round_robin_over_phenomena(tmp_path):
+    """Issue 17: --limit spreads the items evenly over the file (README's promise), per group when grouped."""
+    recs = [{"phenomenon": p, "good": f"{p}{i}", "bad": "x"} for p, n in (("A", 6), ("B", 3), ("C", 1))
             for i in range(n)]
     f = write_jsonl(tmp_path / "mp.jsonl.gz", recs)
-    t = load_task_file(str(f), limit=4)
-    assert t.family == "minimal_pairs" and t.name == "mp" and t.total == 7
-    assert [it["good"] for it in t.items] == ["A0", "B0", "C0", "A1"]
-    assert [it["good"] for it in load_task_file(str(f), limit=4).items] == ["A0", "B0", "C0", "A1"]  # deterministic
+    t = load_task_file(str(f), limit=6)
+    assert t.family == "minimal_pairs" and t.name == "mp" and t.total == 10
+    # shares: A 3, B 2, C 1 (round-robin), each spread over its group, file order kept
+    assert [it["good"] for it in t.items] == ["A0", "A2", "A4", "B0", "B1", "C0"]
+    assert [it["good"] for it in load_task_file(str(f), limit=6).items] == [it["good"] for it in t.items]
     mc = write_jsonl(tmp_path / "mc.jsonl", [{"query": f"q{i}", "choices": ["a", "b"], "gold": 1} for i in range(9)])
-    assert [it["query"] for it in load_task_file(str(mc), limit=2).items] == ["q0", "q1"]
-    assert len(load_task_file(str(mc)).items) == 9
+    assert [it["query"] for it in load_task_file(str(mc), limit=3).items] == ["q0", "q3", "q6"]
+    assert [it["query"] for it in load_task_file(str(mc), limit=2).items] == ["q0", "q4"]
+    assert len(load_task_file(str(mc)).items) == 9 and len(load_task_file(str(mc), limit=20).items) == 9
 
 
 def test_names_resolve_under_the_data_root(tmp_path, monkeypatch):

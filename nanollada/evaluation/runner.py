@@ -2,9 +2,18 @@
 
 How each family is scored (all log-likelihoods in nats; ``bos`` starts every scored sequence):
 
-- **perplexity** ``{"text"}``: the sequence is ``bos + text + eos``, cut to the model's ``max_seq_len``; everything
-  after ``bos`` is scored. AR: exact NLL (``ar_sequence_logprob``). Diffusion: the Monte-Carlo negative ELBO
-  (``diffusion_elbo``, ``samples`` draws, fixed seed), an upper bound on the NLL, so its perplexity is an upper bound.
+- **perplexity** ``{"text"}``: the sequence is ``bos + text + eos``; everything after ``bos`` is scored
+  (``Paradigm.rolling_nll``). A sequence that fits the model's ``max_seq_len`` is scored whole: AR exact NLL
+  (``ar_sequence_logprob``), diffusion the Monte-Carlo negative ELBO (``diffusion_elbo``, ``samples`` draws, fixed
+  seed), an upper bound on the NLL, so its perplexity is an upper bound. A longer one is scored in windows
+  (``paradigms.base.rolling_windows``): the first ``max_seq_len`` tokens, then ``stride`` new tokens per window
+  (default ``max_seq_len // 2``) after bos and the tokens just before them; every token is scored once (AR exact
+  given its window, diffusion the conditional estimator per window, still a bound). ``windowed`` counts them.
+- **rolling perplexity** (a ``.txt`` file, WikiText-style): every document (blank-line or heading split,
+  ``tasks.split_documents``) is ``bos + text`` (no eos, as lm-evaluation-harness's ``loglikelihood_rolling``),
+  scored as above. Reported: nats/token and token perplexity, word perplexity exp(NLL / words) with words =
+  whitespace-separated pieces (lm-eval's count; meaningless for Chinese), byte perplexity exp(NLL / UTF-8 bytes) and
+  bits per byte.
 - **minimal pairs** ``{"good", "bad"}``: the score of a sentence is its total log-likelihood given ``bos`` (no eos,
   the usual BLiMP convention). AR: exact; diffusion: minus the ELBO estimate, the good and the bad sentence of every
   pair scored with the same random numbers (same masking time and the same uniform draw per position: both batches
@@ -14,34 +23,43 @@ How each family is scored (all log-likelihoods in nats; ``bos`` starts every sco
   log p(target | context). With a ``context`` holding a ``#idiom#`` blank (ChID) each choice is substituted into the
   blank and the whole sentence is scored: context = ``bos`` + text before the blank, target = choice + text after
   it (the shared prefix cancels, so this ranks the choices by the likelihood of the whole filled-in sentence). A
-  ``context`` without a blank is continued by the choice. A ``query`` (CMMLU) becomes the prompt
-  ``QUERY_TEMPLATE.format(query=...)`` (``"问题：{query}\\n答案："``) and the target is the choice. ``accuracy``
+  ``context`` without a blank is continued by the choice. A ``query`` (CMMLU) becomes the prompt of its language
+  (``tasks.QUERY_TEMPLATES``, chosen per item by ``tasks.query_language`` or its ``"language"`` field): Chinese
+  ``"问题：{query}\\n答案："`` + choice, English ``"Question: {query}\\nAnswer:"`` + ``" "`` + choice; the templates
+  used are printed and stored in the task's ``query_templates``. ``accuracy``
   uses the summed log-likelihood, ``accuracy_norm`` the log-likelihood per target token. AR: exact; diffusion:
   LLaDA's conditional estimator (``diffusion_conditional_logprob``: stratified number of masked target tokens,
   ``samples`` draws, fixed seed).
-- **cloze** ``{"context", "continuation"}``: the model greedily generates as many tokens as the continuation has
-  (AR: ``ar_generate`` with the KV cache, temperature 0; diffusion: ``diffusion_generate`` with one block of that
-  length, ``LowConfidence(steps=length)``, temperature 0); exact match compares the decoded text with the
-  continuation (surrounding whitespace ignored). The continuation's log-likelihood is reported beside it.
+- **context choice** ``{"context_options", "continuation", "gold"}`` (Winogrande partial scoring): the prediction
+  is the option o maximising log p(continuation | bos + o); the choices of an item share their Monte-Carlo draws.
+- **cloze** ``{"context", "continuation"}`` (LAMBADA-style last word): ``exact_match`` is the share of items whose
+  greedy continuation of exactly the continuation's token length (``Paradigm.greedy_continuations``: AR argmax with
+  the KV cache; diffusion one block of that length, ``LowConfidence(steps=length)``, temperature 0) decodes to the
+  continuation (surrounding whitespace ignored). ``decoders`` repeats it for every decoder of the paradigm
+  (``Paradigm.comparison_runs`` over ``strategies``: AR once, diffusion once per strategy) through
+  ``Paradigm.generate`` at temperature 0 with ``max_new_tokens`` = block = steps = the continuation's length,
+  stopping at eos, with forwards and tokens per forward. The continuation's log-likelihood is reported beside it.
 
-Sequences longer than ``max_seq_len`` keep ``bos``, the end of the context and the start of the target (counted as
-``truncated``). Scoring is batched and padded (``batch_size`` sequences per forward); items/s covers the scoring of
-a task (tokenisation included, checkpoint loading excluded).
+In the choice and cloze families, sequences longer than ``max_seq_len`` keep ``bos``, the end of the context and the
+start of the target (counted as ``truncated`` and printed beside the score). Scoring is batched and padded
+(``batch_size`` sequences per forward); items/s covers the scoring of a task (tokenisation included, checkpoint
+loading excluded).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from nanollada.evaluation.tasks import BLANK, Task
-from nanollada.paradigms.base import ScoringSettings
+from nanollada.evaluation.tasks import BLANK, QUERY_TEMPLATES, Task, query_language
+from nanollada.paradigms.base import ScoringSettings, rolling_windows
 
-QUERY_TEMPLATE = "问题：{query}\n答案："
+QUERY_TEMPLATE = QUERY_TEMPLATES["zh"][0]  # the Chinese query prompt (English: QUERY_TEMPLATES["en"])
 
 EvalSettings = ScoringSettings  # the name the CLI and tests use
 
@@ -67,15 +85,43 @@ def fit_length(ctx: list[int], tgt: list[int], max_len: int) -> tuple[list[int],
 
 
 # ------------------------------------------------------------------------------------------------ the families
+def _exp(x: float) -> float:
+    return math.exp(min(x, 700.0))
+
+
+def _rolling(loaded, rows: list[list[int]], s: EvalSettings) -> dict:
+    """NLL of bos-first rows of any length (windows past ``max_seq_len``) and the window bookkeeping."""
+    max_len = loaded.model.cfg.max_seq_len
+    nll, n = loaded.interface.rolling_nll(rows, s)
+    windows = sum(len(rolling_windows(r, max_len, s.stride)) for r in rows)
+    return {"nll": float(nll.sum()), "tokens": int(n.sum()), "windowed": sum(len(r) > max_len for r in rows),
+            "windows": windows, "stride": s.stride or max(1, max_len // 2), "max_seq_len": max_len}
+
+
 def score_perplexity(loaded, task: Task, s: EvalSettings) -> dict:
     tok, iface = loaded.tokenizer, loaded.interface
-    max_len = loaded.model.cfg.max_seq_len
     seqs = [[tok.bos_id] + ids + [tok.eos_id] for ids in tok.encode_batch([it["text"] for it in task.items])]
-    truncated = sum(len(q) > max_len for q in seqs)
-    nll, n = iface.sequence_nll([q[:max_len] for q in seqs], s)
-    per_token = float(nll.sum()) / max(int(n.sum()), 1)
-    return {"nats_per_token": per_token, "ppl": math.exp(min(per_token, 700.0)), "tokens": int(n.sum()),
-            "estimate": iface.estimate("perplexity", s), "truncated": truncated}
+    r = _rolling(loaded, seqs, s)
+    per_token = r.pop("nll") / max(r["tokens"], 1)
+    return {"nats_per_token": per_token, "ppl": _exp(per_token), **r, "truncated": 0,
+            "estimate": iface.estimate("perplexity", s)}
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for word perplexity: pieces between runs of whitespace."""
+    return len(re.split(r"\s+", text))
+
+
+def score_rolling_perplexity(loaded, task: Task, s: EvalSettings) -> dict:
+    tok, iface = loaded.tokenizer, loaded.interface
+    texts = [it["text"] for it in task.items]
+    r = _rolling(loaded, [[tok.bos_id] + ids for ids in tok.encode_batch(texts)], s)
+    nll = r.pop("nll")
+    words, n_bytes = sum(map(count_words, texts)), sum(len(t.encode("utf-8")) for t in texts)
+    return {"nats_per_token": nll / max(r["tokens"], 1), "ppl": _exp(nll / max(r["tokens"], 1)),
+            "word_perplexity": _exp(nll / max(words, 1)), "byte_perplexity": _exp(nll / max(n_bytes, 1)),
+            "bits_per_byte": nll / max(n_bytes, 1) / math.log(2), **r, "words": words, "bytes": n_bytes,
+            "documents": len(texts), "nll": nll, "estimate": iface.estimate("perplexity", s)}
 
 
 def _accuracy_by_group(correct: list[bool], groups: list[str | None]) -> dict:
@@ -102,8 +148,9 @@ def score_minimal_pairs(loaded, task: Task, s: EvalSettings) -> dict:
 def choice_pairs(tok, item: dict) -> list[tuple[list[int], list[int]]]:
     """(context ids, target ids) for every choice of a multiple-choice item (see the module docstring)."""
     if "query" in item:
-        ctx = [tok.bos_id] + tok.encode(QUERY_TEMPLATE.format(query=item["query"]))
-        return [(ctx, tok.encode(c)) for c in item["choices"]]
+        template, delimiter = QUERY_TEMPLATES[query_language(item)]
+        ctx = [tok.bos_id] + tok.encode(template.format(query=item["query"]))
+        return [(ctx, tok.encode(delimiter + c)) for c in item["choices"]]
     text = item["context"]
     if BLANK in text:
         before, after = text.split(BLANK, 1)
@@ -149,12 +196,61 @@ def score_multiple_choice(loaded, task: Task, s: EvalSettings) -> dict:
         pos += k
     N = len(task.items)
     groups = [it.get("subject") for it in task.items]
-    return {"accuracy": sum(correct) / max(N, 1), "accuracy_norm": sum(correct_norm) / max(N, 1),
-            "chance": task.chance, "groups": _accuracy_by_group(correct, groups), "truncated": truncated,
+    out = {"accuracy": sum(correct) / max(N, 1), "accuracy_norm": sum(correct_norm) / max(N, 1),
+           "chance": task.chance, "groups": _accuracy_by_group(correct, groups), "truncated": truncated,
+           "estimate": loaded.interface.estimate("multiple_choice", s)}
+    if "query_templates" in task.notes:
+        out["query_templates"] = task.notes["query_templates"]
+    return out
+
+
+def score_context_choice(loaded, task: Task, s: EvalSettings) -> dict:
+    tok = loaded.tokenizer
+    pairs, owner = [], []
+    for i, it in enumerate(task.items):
+        cont = tok.encode(it["continuation"])
+        for option in it["context_options"]:
+            pairs.append(([tok.bos_id] + tok.encode(option), cont))
+            owner.append(i)
+    ctxs, tgts, truncated = _fit_all(pairs, loaded.model.cfg.max_seq_len)
+    lp, _ = _conditional(loaded, ctxs, tgts, s, groups=owner)
+    correct, pos = [], 0
+    for it in task.items:
+        k = len(it["context_options"])
+        correct.append(max(range(k), key=lp[pos: pos + k].__getitem__) == it["gold"])
+        pos += k
+    return {"accuracy": sum(correct) / max(len(correct), 1), "chance": task.chance, "truncated": truncated,
             "estimate": loaded.interface.estimate("multiple_choice", s)}
 
 
-def score_cloze(loaded, task: Task, s: EvalSettings) -> dict:
+def cloze_generation_settings(length: int):
+    """Deterministic decoding of ``length`` tokens in one block (every field explicit, so no paradigm default
+    applies): temperature 0, top-p and repetition penalty off, ``steps`` = ``block_length`` = ``length``."""
+    from nanollada.generate import GenerationSettings
+    return GenerationSettings(max_new_tokens=length, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
+                              strategy="low_confidence", steps=length, block_length=length, use_prefix_cache=False,
+                              chat=False)
+
+
+def _decoder_matches(loaded, ctxs, tgts, items, strategies: list[str]) -> dict:
+    """Exact match, forwards and tokens per forward of every decoder ``comparison_runs`` gives this paradigm."""
+    from dataclasses import replace
+    tok, iface = loaded.tokenizer, loaded.interface
+    runs = iface.comparison_runs(cloze_generation_settings(1), list(strategies))
+    out = {}
+    for label, base in runs:
+        hits, forwards, tokens, seconds = 0, 0, 0, 0.0
+        for ctx, tgt, it in zip(ctxs, tgts, items):
+            L = len(tgt)
+            g = iface.generate(ctx, replace(base, max_new_tokens=L, steps=L, block_length=L))
+            hits += tok.decode(g.tokens[:L]).strip() == it["continuation"].strip()
+            forwards, tokens, seconds = forwards + g.forwards, tokens + len(g.tokens), seconds + g.seconds
+        out[label] = {"exact_match": hits / max(len(items), 1), "forwards": forwards,
+                      "tokens_per_forward": tokens / max(forwards, 1), "seconds": seconds}
+    return out
+
+
+def score_cloze(loaded, task: Task, s: EvalSettings, strategies: list[str] | None = None) -> dict:
     tok = loaded.tokenizer
     pairs = [([tok.bos_id] + tok.encode(it["context"]), tok.encode(it["continuation"])) for it in task.items]
     ctxs, tgts, truncated = _fit_all(pairs, loaded.model.cfg.max_seq_len)
@@ -162,23 +258,39 @@ def score_cloze(loaded, task: Task, s: EvalSettings) -> dict:
     correct = [tok.decode(g).strip() == it["continuation"].strip() for g, it in zip(gens, task.items)]
     lp, n = _conditional(loaded, ctxs, tgts, s)
     N = len(task.items)
-    return {"exact_match": sum(correct) / max(N, 1), "logprob_per_item": sum(lp) / max(N, 1),
-            "logprob_per_token": sum(lp) / max(sum(n), 1), "tokens": int(sum(n)), "truncated": truncated,
-            "examples": [{"context": it["context"][-80:], "continuation": it["continuation"],
-                          "generated": tok.decode(g)} for it, g in list(zip(task.items, gens))[:3]]}
+    out = {"exact_match": sum(correct) / max(N, 1), "logprob_per_item": sum(lp) / max(N, 1),
+           "logprob_per_token": sum(lp) / max(sum(n), 1), "tokens": int(sum(n)), "truncated": truncated,
+           "estimate": loaded.interface.estimate("cloze", s),
+           "examples": [{"context": it["context"][-80:], "continuation": it["continuation"],
+                         "generated": tok.decode(g)} for it, g in list(zip(task.items, gens))[:3]]}
+    if strategies:
+        out["decoders"] = _decoder_matches(loaded, ctxs, tgts, task.items, strategies)
+    return out
 
 
 SCORERS = {"perplexity": score_perplexity, "minimal_pairs": score_minimal_pairs,
-           "multiple_choice": score_multiple_choice, "cloze": score_cloze}
+           "multiple_choice": score_multiple_choice, "context_choice": score_context_choice, "cloze": score_cloze,
+           "rolling_perplexity": score_rolling_perplexity}
+
+
+def default_cloze_strategies() -> list[str]:
+    """Every registered diffusion decoding strategy (AR runs its one decoder whatever the list)."""
+    from nanollada.sampling.diffusion import STRATEGIES
+    return sorted(STRATEGIES)
 
 
 @torch.no_grad()
-def evaluate_task(loaded, task: Task, settings: EvalSettings) -> dict:
-    """Score one loaded checkpoint on one task: the family's metrics plus items, seconds and items_per_s."""
+def evaluate_task(loaded, task: Task, settings: EvalSettings, strategies: list[str] | None = None) -> dict:
+    """Score one loaded checkpoint on one task: the family's metrics plus items, seconds and items_per_s.
+    ``strategies``: the decoders of the cloze family (None: every registered strategy; ``[]``: only the greedy
+    continuation)."""
     device = _device(loaded.model)
     _sync(device)
     start = time.perf_counter()
-    metrics = SCORERS[task.family](loaded, task, settings)
+    if task.family == "cloze":
+        metrics = score_cloze(loaded, task, settings, default_cloze_strategies() if strategies is None else strategies)
+    else:
+        metrics = SCORERS[task.family](loaded, task, settings)
     _sync(device)
     seconds = time.perf_counter() - start
     return {"task": task.name, "family": task.family, "items": len(task.items), "seconds": seconds,
@@ -197,7 +309,7 @@ def checkpoint_labels(paths: list[str]) -> list[str]:
 
 
 def run_eval(checkpoints: list[str], tasks: list[Task], settings: EvalSettings, device: str, load,
-             log=print) -> dict:
+             log=print, strategies: list[str] | None = None) -> dict:
     """Score every checkpoint on every task. ``load(path, device)`` -> LoadedModel. Returns JSON-ready results."""
     labels = checkpoint_labels(checkpoints)
     result = {"settings": asdict(settings), "device": str(device),
@@ -212,21 +324,38 @@ def run_eval(checkpoints: list[str], tasks: list[Task], settings: EvalSettings, 
                                       "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len})
         per_task = result["results"][label] = {}
         for t in tasks:
-            r = per_task[t.name] = evaluate_task(loaded, t, settings)
-            log(f"[eval] {label} ({loaded.paradigm}) {t.name}: {_summary(r)} "
+            r = per_task[t.name] = evaluate_task(loaded, t, settings, strategies)
+            log(f"[eval] {label} ({loaded.paradigm}) {t.name}: {_summary(r, cfg.vocab_size)} "
                 f"[{r['items']} items, {r['seconds']:.1f}s, {r['items_per_s']:.1f} items/s]")
         del loaded
     return result
 
 
-def _summary(r: dict) -> str:
-    if r["family"] == "perplexity":
-        return f"{r['nats_per_token']:.3f} nats/token, ppl {r['ppl']:.2f}"
-    if r["family"] == "minimal_pairs":
-        return f"accuracy {r['accuracy']:.1%}"
-    if r["family"] == "multiple_choice":
-        return f"accuracy {r['accuracy']:.1%}, length-normalised {r['accuracy_norm']:.1%}"
-    return f"exact match {r['exact_match']:.1%}, {r['logprob_per_token']:.3f} nats/token"
+def _summary(r: dict, vocab_size: int | None = None) -> str:
+    """One line per result, with the chance level (uniform guessing) and any truncation beside the score."""
+    fam = r["family"]
+    if fam in ("perplexity", "rolling_perplexity"):
+        text = f"{r['nats_per_token']:.3f} nats/token, ppl {r['ppl']:.2f}"
+        if fam == "rolling_perplexity":
+            text += (f", word ppl {r['word_perplexity']:.2f}, byte ppl {r['byte_perplexity']:.3f}, "
+                     f"{r['bits_per_byte']:.3f} bits/byte")
+        if vocab_size:
+            text += f" (chance: ppl {vocab_size}, a uniform guess over the vocabulary)"
+        if r.get("windowed"):
+            text += f"; {r['windowed']} longer than {r['max_seq_len']} tokens scored in windows, stride {r['stride']}"
+    elif fam == "cloze":
+        text = f"exact match {r['exact_match']:.1%} (chance ~0%), {r['logprob_per_token']:.3f} nats/token"
+        if r.get("decoders"):
+            text += "; per decoder: " + ", ".join(f"{k} {v['exact_match']:.1%} ({v['tokens_per_forward']:.2f} TPF)"
+                                                 for k, v in r["decoders"].items())
+    else:
+        text = f"accuracy {r['accuracy']:.1%}"
+        if fam == "multiple_choice":
+            text += f", length-normalised {r['accuracy_norm']:.1%}"
+        text += f" (chance {r['chance']:.1%})"
+    if r.get("truncated"):
+        text += f"; {r['truncated']} sequences cut to max_seq_len (kept: bos, end of context, start of target)"
+    return text
 
 
 # ------------------------------------------------------------------------------------------------ markdown
@@ -236,18 +365,33 @@ METRIC_ROWS = {
     "minimal_pairs": [("accuracy", "accuracy", "{:.1%}")],
     "multiple_choice": [("accuracy", "accuracy", "{:.1%}"), ("accuracy (per-token norm.)", "accuracy_norm",
                                                                   "{:.1%}")],
-    "cloze": [("exact match", "exact_match", "{:.1%}"), ("log-lik./token", "logprob_per_token", "{:.3f}")],
+    "context_choice": [("accuracy", "accuracy", "{:.1%}")],
+    "cloze": [("exact match", "exact_match", "{:.1%}"), ("log-lik./token", "logprob_per_token", "{:.3f}"),
+              ("exact match per decoder", "decoders", "{}")],
+    "rolling_perplexity": [("nats/token", "nats_per_token", "{:.3f}"), ("perplexity (token)", "ppl", "{:.2f}"),
+                           ("word perplexity", "word_perplexity", "{:.2f}"),
+                           ("byte perplexity", "byte_perplexity", "{:.3f}"), ("bits/byte", "bits_per_byte", "{:.3f}"),
+                           ("tokens", "tokens", "{:d}")],
 }
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):  # the cloze decoders: "label 12.0%, ..."
+        return ", ".join(f"{k} {v['exact_match']:.1%}" for k, v in value.items())
+    return fmt.format(value)
 
 
 def _chance(task: dict, metric: str, checkpoints: list[dict]) -> str:
     if metric in ("accuracy", "accuracy_norm") and task["chance"] is not None:
         return f"{task['chance']:.1%}"
     vocab = {c["vocab_size"] for c in checkpoints}
-    if task["family"] == "perplexity" and len(vocab) == 1 and metric in ("nats_per_token", "ppl"):
+    if task["family"] in ("perplexity", "rolling_perplexity") and len(vocab) == 1 and metric in ("nats_per_token",
+                                                                                                  "ppl"):
         v = vocab.pop()  # a uniform guess over the vocabulary
         return f"{math.log(v):.3f}" if metric == "nats_per_token" else f"{v}"
-    if task["family"] == "cloze" and metric == "exact_match":
+    if task["family"] == "cloze" and metric in ("exact_match", "decoders"):
         return "—"
     return ""
 
@@ -262,8 +406,7 @@ def format_markdown(result: dict, groups: bool = True) -> str:
         for title, key, fmt in METRIC_ROWS[t["family"]] + [("items/s", "items_per_s", "{:.1f}")]:
             cells = []
             for c in cks:
-                v = result["results"][c["label"]][t["name"]].get(key)
-                cells.append("" if v is None else fmt.format(v))
+                cells.append(_cell(result["results"][c["label"]][t["name"]].get(key), fmt))
             lines.append(f"| {name} | {title} | " + " | ".join(cells) + f" | {_chance(t, key, cks)} |")
             name = ""
     s = result["settings"]

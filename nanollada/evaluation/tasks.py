@@ -1,13 +1,23 @@
 """Evaluation tasks defined by generic file formats: resolve a task name or file, detect its family, load its items.
 
-Every task is a JSON Lines file (``.jsonl`` or ``.jsonl.gz``, one object per line); its *family* is detected from the
-fields of the first record, so any dataset of the same shape works without code:
+Every task is a JSON Lines file (``.jsonl`` or ``.jsonl.gz``, one object per line) or a raw ``.txt`` file; the
+*family* of a JSON Lines file is detected from the fields of the first record, so any dataset of the same shape works
+without code:
 
-- ``perplexity``: ``{"text"}``; nats/token and perplexity (AR exact, diffusion an ELBO bound).
+- ``perplexity``: ``{"text"}``; nats/token and perplexity (AR exact, diffusion an ELBO bound); records longer than
+  ``max_seq_len`` are scored in windows.
 - ``minimal_pairs``: ``{"good", "bad"}`` (+ optional ``"phenomenon"``); accuracy of score(good) > score(bad).
 - ``multiple_choice``: ``{"query" or "context", "choices", "gold"}`` (+ optional ``"subject"``; a ``context`` may
-  hold one ``#idiom#`` blank); accuracy of the most likely choice, raw and per-token length-normalised.
-- ``cloze``: ``{"context", "continuation"}``; exact match of the greedy continuation, and its log-likelihood.
+  hold one ``#idiom#`` blank); accuracy of the most likely choice, raw and per-token length-normalised. A ``query``
+  is put into the prompt template of its language (:func:`query_language`; an item may force it with
+  ``"language": "en"`` or ``"zh"``).
+- ``context_choice``: ``{"context_options", "continuation", "gold"}`` (Winogrande-style partial scoring: each option
+  is a different context, the continuation is shared); accuracy of the option under which the continuation is most
+  likely.
+- ``cloze``: ``{"context", "continuation"}`` (e.g. LAMBADA's last word); exact match of the greedy continuation for
+  every decoder, and its log-likelihood.
+- ``rolling_perplexity``: a ``.txt`` file (WikiText-style raw text), split into documents (:func:`split_documents`);
+  token-, word- and byte-level perplexity, long documents scored in windows.
 
 Task arguments (``resolve_task``):
 
@@ -18,9 +28,11 @@ Task arguments (``resolve_task``):
 - anything else is a path to a task file of any family. A ``{"text"}`` file given this way is taken as held out
   already and every record is scored.
 
-``limit`` keeps the first N items, except that items carrying a group field (``phenomenon`` for minimal pairs,
-``subject`` for multiple choice) are taken round-robin over the groups in order of first appearance (item 1 of every
-group, then item 2, ...), so a capped run still reports every group. Both rules are deterministic.
+``limit`` keeps N items spread evenly over the file (items ``floor(i * total / N)``, i = 0..N-1, in file order).
+When the items carry a group field (``phenomenon`` for minimal pairs, ``subject`` for multiple choice) the N are
+first shared out round-robin over the groups in order of first appearance (one per group, then a second per group,
+...), so a capped run still reports every group, and each group's share is spread evenly over that group. Both rules
+are deterministic and read the whole file.
 
 Malformed files raise ``DataError("path:line: reason")``.
 """
@@ -28,13 +40,14 @@ Malformed files raise ``DataError("path:line: reason")``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanollada.data.records import SHARED_VAL_FRACTION, DataError, is_validation, iter_records, read_jsonl
 
-FAMILIES = ("perplexity", "minimal_pairs", "multiple_choice", "cloze")
+FAMILIES = ("perplexity", "minimal_pairs", "multiple_choice", "context_choice", "cloze", "rolling_perplexity")
 DEFAULT_DATA_ROOT = "../shared/data"
 GROUP_FIELD = {"minimal_pairs": "phenomenon", "multiple_choice": "subject"}
 # The blank of a ChID-style context: the choice is substituted into it.
@@ -59,6 +72,8 @@ class Task:
             return 0.5
         if self.family == "multiple_choice" and self.items:
             return sum(1 / len(it["choices"]) for it in self.items) / len(self.items)
+        if self.family == "context_choice" and self.items:
+            return sum(1 / len(it["context_options"]) for it in self.items) / len(self.items)
         return None
 
 
@@ -85,6 +100,8 @@ def detect_family(record) -> str | None:
         return "minimal_pairs"
     if "choices" in record and "gold" in record and ("query" in record or "context" in record):
         return "multiple_choice"
+    if "context_options" in record and "continuation" in record and "gold" in record:
+        return "context_choice"
     if "context" in record and "continuation" in record:
         return "cloze"
     if "text" in record:
@@ -123,6 +140,17 @@ def check_item(record: dict, family: str) -> dict:
             raise ValueError(f'field "gold" must be an index into the {len(choices)} choices, got {gold!r}')
         if "subject" in record and not isinstance(record["subject"], str):
             raise ValueError('field "subject" must be a string')
+        if key == "query" and record.get("language", "auto") not in (*QUERY_TEMPLATES, "auto"):
+            raise ValueError(f'field "language" must be one of {sorted(QUERY_TEMPLATES)} or "auto", '
+                             f'got {record.get("language")!r}')
+    elif family == "context_choice":
+        options = record.get("context_options")
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(c, str) and c for c in options):
+            raise ValueError('field "context_options" must be a list of at least 2 non-empty strings')
+        _nonempty_str(record, "continuation")
+        gold = record.get("gold")
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(options):
+            raise ValueError(f'field "gold" must be an index into the {len(options)} context_options, got {gold!r}')
     elif family == "cloze":
         if not isinstance(record.get("context"), str):
             raise ValueError('field "context" must be a string')
@@ -145,7 +173,8 @@ def iter_task_file(path: str) -> Iterator[tuple[int, str, dict]]:
                 raise ValueError(
                     f"cannot tell the task family from the fields {sorted(record)}: expected "
                     '{"text"} (perplexity), {"good","bad"} (minimal pairs), {"query" or "context","choices",'
-                    '"gold"} (multiple choice) or {"context","continuation"} (cloze)')
+                    '"gold"} (multiple choice), {"context_options","continuation","gold"} (context choice) or '
+                    '{"context","continuation"} (cloze)')
             family = fam
         elif fam != family:
             raise ValueError(f"record of family {fam} in a {family} file (family set by the first record)")
@@ -160,48 +189,157 @@ def iter_task_file(path: str) -> Iterator[tuple[int, str, dict]]:
         raise DataError(f"{path}: no records (empty task file)")
 
 
-def _round_robin(items: list[dict], key: str, limit: int) -> list[dict]:
-    groups: dict[str, list[dict]] = {}
-    for it in items:
-        groups.setdefault(str(it.get(key, "")), []).append(it)
-    out: list[dict] = []
-    depth = 0
-    while len(out) < limit:
-        row = [g[depth] for g in groups.values() if depth < len(g)]
-        if not row:
-            break
-        out += row[: limit - len(out)]
-        depth += 1
-    return out
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n): floor(i * n / k) for i = 0..k-1 (all of them when k >= n)."""
+    if k >= n:
+        return list(range(n))
+    return [i * n // k for i in range(k)]
+
+
+def select_items(items: list[dict], limit: int | None, key: str | None = None) -> list[dict]:
+    """``limit`` items spread evenly over ``items`` (file order kept); with a group ``key`` present in the first
+    item, the limit is shared out round-robin over the groups first (see the module docstring)."""
+    if limit is None or len(items) <= limit:
+        return items
+    if not key or key not in items[0]:
+        return [items[i] for i in evenly_spaced(len(items), limit)]
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(str(it.get(key, "")), []).append(i)
+    quota = dict.fromkeys(groups, 0)
+    left = limit
+    while left:
+        for g, members in groups.items():
+            if left and quota[g] < len(members):
+                quota[g] += 1
+                left -= 1
+    chosen = sorted(members[j] for g, members in groups.items() for j in evenly_spaced(len(members), quota[g]))
+    return [items[i] for i in chosen]
 
 
 def load_task_file(path: str, name: str | None = None, limit: int | None = None) -> Task:
     """Load any task file (family detected from the first record). ``limit``: see the module docstring."""
     items: list[dict] = []
-    family, complete = None, True
+    family = None
     for _, family, record in iter_task_file(str(path)):
         items.append(record)
-        gkey = GROUP_FIELD.get(family)
-        if limit is not None and len(items) >= limit and not (gkey and gkey in items[0]):
-            complete = False  # plain first-N: stop reading early
-            break
-    total = len(items) if complete else None
-    gkey = GROUP_FIELD.get(family)
-    if limit is not None and len(items) > limit:
-        items = _round_robin(items, gkey, limit) if gkey and gkey in items[0] else items[:limit]
-    return Task(name or name_from_path(path), family, str(path), items, total)
+    total = len(items)
+    items = select_items(items, limit, GROUP_FIELD.get(family))
+    notes = query_template_notes(items) if family == "multiple_choice" else {}
+    return Task(name or name_from_path(path), family, str(path), items, total, notes)
+
+
+# ------------------------------------------------------------------------------------------------ query templates
+# The prompt of a multiple-choice ``query`` (CMMLU-style), by the query's language: (prompt template, delimiter put
+# before the choice). The English one is lm-evaluation-harness's "Question: ...\nAnswer:" with a space before the
+# choice; the Chinese one has no space (Chinese text has none between words).
+QUERY_TEMPLATES = {"zh": ("问题：{query}\n答案：", ""), "en": ("Question: {query}\nAnswer:", " ")}
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_WORD = re.compile(r"[A-Za-z]+")
+
+
+def query_language(item: dict) -> str:
+    """``zh`` or ``en`` for a ``query`` item: its ``"language"`` field when given, else ``zh`` when the query and
+    choices hold at least as many Han characters as Latin words (and at least one Han character), else ``en``."""
+    lang = item.get("language", "auto")
+    if lang != "auto":
+        return lang
+    text = item["query"] + " " + " ".join(item.get("choices", []))
+    han = len(_HAN.findall(text))
+    return "zh" if han and han >= len(_LATIN_WORD.findall(text)) else "en"
+
+
+def query_template_notes(items: list[dict]) -> dict:
+    """``{"query_templates": {language: {"template", "items"}}}`` for the query items of a task (empty if none)."""
+    used: dict[str, int] = {}
+    for it in items:
+        if "query" in it:
+            lang = query_language(it)
+            used[lang] = used.get(lang, 0) + 1
+    if not used:
+        return {}
+    return {"query_templates": {lang: {"template": QUERY_TEMPLATES[lang][0], "delimiter": QUERY_TEMPLATES[lang][1],
+                                       "items": n} for lang, n in sorted(used.items())}}
+
+
+# ------------------------------------------------------------------------------------------------ raw text files
+TEXT_SPLITS = ("auto", "blank", "heading", "file")
+# A document heading: markdown "# Title" or a WikiText top-level " = Title = " (one "=" each side).
+_HEADING = re.compile(r"^(#{1,6}\s+\S.*|\s*=\s+[^=\s].*[^=\s]\s+=\s*|\s*=\s+[^=\s]\s+=\s*)$")
+
+
+def split_documents(lines: list[str], split: str = "auto") -> list[tuple[int, str]]:
+    """(first line number, text) of every document of a raw text file's lines.
+
+    ``blank``: documents are separated by blank lines (paragraphs). ``heading``: a heading line (markdown
+    ``# ...`` or WikiText's top-level `` = Title = ``) starts a new document that runs to the next heading, blank
+    lines included. ``file``: the whole file is one document. ``auto``: ``heading`` when the file has a heading
+    line, else ``blank``. Each document is stripped of surrounding whitespace; empty ones are dropped."""
+    if split not in TEXT_SPLITS:
+        raise ValueError(f"text split must be one of {TEXT_SPLITS}, got {split!r}")
+    if split == "auto":
+        split = "heading" if any(_HEADING.match(ln) for ln in lines) else "blank"
+    docs: list[tuple[int, list[str]]] = []
+    for lineno, line in enumerate(lines, 1):
+        if split == "file":
+            starts = not docs
+        elif split == "heading":
+            starts = not docs or bool(_HEADING.match(line))
+        else:
+            starts = bool(line.strip()) and (not docs or not lines[lineno - 2].strip())
+        if starts:
+            docs.append((lineno, []))
+        if docs and (split != "blank" or line.strip()):
+            docs[-1][1].append(line)
+    out = []
+    for lineno, body in docs:
+        text = "\n".join(body).strip()
+        if text:
+            out.append((lineno + next(i for i, ln in enumerate(body) if ln.strip()), text))
+    return out
+
+
+def read_text_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file (newlines removed); errors name ``path:line``."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"task file not found: {path}") from None
+    lines = []
+    for lineno, chunk in enumerate(raw.split(b"\n"), 1):
+        try:
+            lines.append(chunk.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    return lines
+
+
+def load_text_file(path: str, name: str | None = None, limit: int | None = None, split: str = "auto") -> Task:
+    """A raw ``.txt`` file as a ``rolling_perplexity`` task: one item ``{"text", "line"}`` per document."""
+    lines = read_text_lines(path)
+    try:
+        docs = split_documents(lines, split)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if not docs:
+        raise DataError(f"{path}: no text (empty file)")
+    items = select_items([{"text": t, "line": ln} for ln, t in docs], limit)
+    used = split if split != "auto" else ("heading" if any(_HEADING.match(ln) for ln in lines) else "blank")
+    return Task(name or name_from_path(path), "rolling_perplexity", str(path), items, len(docs),
+                {"split": used})
 
 
 def name_from_path(path: str | Path) -> str:
     """``dir/my-task.jsonl.gz`` -> ``my-task``."""
     name = Path(path).name
-    for ext in (".gz", ".jsonl", ".json"):
+    for ext in (".gz", ".jsonl", ".json", ".txt"):
         name = name[: -len(ext)] if name.endswith(ext) else name
     return name
 
 
 def load_perplexity_split(path: str, name: str, limit: int | None = None) -> Task:
-    """The validation records (shared SHA-1 rule) of a pretrain file, in file order, at most ``limit``."""
+    """The validation records (shared SHA-1 rule) of a pretrain file, in file order; ``limit`` of them spread
+    evenly (the whole file is read)."""
     if not Path(path).is_file():
         raise DataError(f"pretrain file not found: {path}")
     items = []
@@ -209,15 +347,15 @@ def load_perplexity_split(path: str, name: str, limit: int | None = None) -> Tas
         if not is_validation(key, SHARED_VAL_FRACTION) or not key.strip():
             continue
         items.append({"text": record["text"]})
-        if limit is not None and len(items) >= limit:
-            break
     if not items:
         raise DataError(f"{path}: no validation records (SHA-1 split rule, fraction {SHARED_VAL_FRACTION:.4f})")
-    return Task(name, "perplexity", str(path), items, None, {"split": "validation"})
+    return Task(name, "perplexity", str(path), select_items(items, limit), len(items), {"split": "validation"})
 
 
-def resolve_task(spec: str, root: str | Path | None = None, limit: int | None = None) -> Task:
-    """A task from a command-line argument (a known name, ``ppl-<source>``, ``ppl:<file>`` or a file path)."""
+def resolve_task(spec: str, root: str | Path | None = None, limit: int | None = None,
+                 text_split: str = "auto") -> Task:
+    """A task from a command-line argument (a known name, ``ppl-<source>``, ``ppl:<file>`` or a file path; a
+    ``.txt`` file is a ``rolling_perplexity`` task split into documents by ``text_split``)."""
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     root = data_root(str(root) if root else None)
@@ -233,10 +371,12 @@ def resolve_task(spec: str, root: str | Path | None = None, limit: int | None = 
         if path.is_file():
             return load_task_file(str(path), spec, limit)
     if Path(spec).is_file():
+        if spec.endswith(".txt"):
+            return load_text_file(spec, None, limit, text_split)
         return load_task_file(spec, None, limit)
-    if "/" in spec or spec.endswith((".jsonl", ".gz", ".json")):
+    if "/" in spec or spec.endswith((".jsonl", ".gz", ".json", ".txt")):
         raise DataError(f"task file not found: {spec}")
     known = known_tasks(root)
     raise DataError(f"unknown task {spec!r}: not a file and not a task under the data root {root} "
                     f"(--data_root or NANOLLADA_DATA); known tasks: {', '.join(known) or 'none found'}; "
-                    "or give ppl:<pretrain file> or a path to a jsonl/jsonl.gz task file")
+                    "or give ppl:<pretrain file> or a path to a jsonl/jsonl.gz task file or a .txt file")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from nanollada.evaluation.likelihood import ar_sequence_logprob
@@ -36,6 +38,14 @@ class ARParadigm(Paradigm):
                 for i, g in zip(part, res.generated):
                     out[i] = g[: lengths[i]]
         return out
+
+    def decoding_key(self, settings) -> str:
+        """Only the fields AR decoding reads (the diffusion knobs do not change it); the seed only when sampling."""
+        s = settings.resolve(self.default_generation()) if hasattr(settings, "resolve") else settings
+        keep = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "use_kv_cache", "chat")
+        key = {k: getattr(s, k) for k in keep}
+        key["seed"] = s.seed if s.temperature else None
+        return json.dumps(key, sort_keys=True, default=str)
 
     def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
         if record_trace:
