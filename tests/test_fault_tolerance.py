@@ -1,12 +1,12 @@
 """Crashes lose nothing: a SIGKILLed `nanollada fit` resumes with the uninterrupted run's losses, an interrupted
 checkpoint write leaves the previous checkpoint loadable, and a checkpoint from another tokenizer is refused.
 
-(a) For the tiny AR and the tiny diffusion config, run A trains 30 steps uninterrupted while run B (the same config)
+(a) For the tiny AR, the tiny diffusion and the tiny block-diffusion conversion config, run A trains 30 steps uninterrupted while run B (the same config)
 is killed with SIGKILL once a checkpoint exists; B is then resumed with ``--ckpt_path last`` and its per-step
 ``train/loss`` (log_every_n_steps=1) and final weights must be A's. Both paradigms derive the data position from
 the global step; diffusion also seeds each step's masks from (noise_seed, step, rank). The cosine schedule is over
-``max_steps``, the same for A and B, so nothing else has to be held constant. Four fits start at once (one intra-op
-thread each), then the two resumes.
+``max_steps``, the same for A and B, so nothing else has to be held constant. Six fits start at once (one intra-op
+thread each), then the three resumes.
 (b) ``AtomicCheckpointIO``: a write that raises (or is SIGKILLed) midway never touches the previous file.
 (c) ``LanguageModel.load_weights_from`` (what ``init_from`` runs when a fit starts) with a checkpoint of another
     tokenizer: ValueError.
@@ -32,7 +32,13 @@ TRAINER = dict(max_steps=STEPS, val_check_interval=1000, limit_val_batches=0, lo
 MODEL = dict(warmup_steps=5)  # cosine over max_steps, as in the shipped configs
 DATA_ARGS = dict(seq_len=64, batch_size=4)
 CKPT = dict(every_n_train_steps=10)
-BASES = {"ar": CONFIGS / "tiny" / "ar_pretrain.yaml", "diffusion": CONFIGS / "tiny" / "diffusion_pretrain.yaml"}
+BASES = {"ar": CONFIGS / "tiny" / "ar_pretrain.yaml", "diffusion": CONFIGS / "tiny" / "diffusion_pretrain.yaml",
+         "block_diffusion": CONFIGS / "tiny" / "block_diffusion_from_ar.yaml"}
+# block diffusion: the conversion config, so the block-size schedule (a function of the step) is resumed too
+OVERRIDES = {"block_diffusion": dict(init_from=None, block_size=16, block_schedule={
+    "class_path": "nanollada.lm.BlockSizeSchedule", "init_args": {"warmup_sizes": [1, 4], "warmup_steps": 10,
+                                                                   "stable_steps": 10, "decay_sizes": [16],
+                                                                   "decay_steps": 10}})}
 
 
 def kill_after_checkpoint(procs: dict, ckpt_dirs: dict, timeout: float = 180) -> None:
@@ -66,8 +72,8 @@ def runs(tmp_path_factory):
     cfgs = {}
     for p, base in BASES.items():
         for name in ("A", "B"):
-            cfgs[p, name] = fit_config(work / p / name, name=name, base=base, trainer=TRAINER, model=MODEL,
-                                       data=DATA_ARGS, checkpoint=CKPT, train_files=[corpus], cache_dir=cache)
+            cfgs[p, name] = fit_config(work / p / name, name=name, base=base, trainer=TRAINER,
+                                       model={**MODEL, **OVERRIDES.get(p, {})}, data=DATA_ARGS, checkpoint=CKPT, train_files=[corpus], cache_dir=cache)
     from nanollada.data.cache import build_cache  # one shared token cache, built before the processes race for it
     from nanollada.tokenizer import Tokenizer
     build_cache(str(corpus), "pretrain", Tokenizer(), str(cache),
@@ -79,8 +85,8 @@ def runs(tmp_path_factory):
         assert procs[p, "B"].returncode == -signal.SIGKILL, procs[p, "B"].returncode
         resumed_from[p] = torch.load(work / p / "B" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
         b2 = fit_config(work / p / "B", name="B2", base=BASES[p], ckpt_dir=work / p / "B" / "checkpoints",
-                        trainer=TRAINER, model=MODEL, data=DATA_ARGS, checkpoint=CKPT, train_files=[corpus],
-                        cache_dir=cache)
+                        trainer=TRAINER, model={**MODEL, **OVERRIDES.get(p, {})}, data=DATA_ARGS, checkpoint=CKPT,
+                        train_files=[corpus], cache_dir=cache)
         resumes[p] = start_cli(["fit", "--config", b2, "--ckpt_path", "last"], cwd=work / p / "B")
     out = {"work": work, "resumed_from": resumed_from}
     for p in BASES:
@@ -103,6 +109,11 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(runs, paradigm):
     assert sorted(b2) == list(range(k, STEPS)), "the resumed run must start at the checkpoint's step"
     for s in range(k, STEPS):
         assert b2[s] == pytest.approx(a[s], rel=1e-5, abs=1e-5), (s, a[s], b2[s])
+    if paradigm in OVERRIDES:  # the block-size schedule is resumed exactly (1, 4, then 64, then 16)
+        sizes_a = scalars(work / "A" / "logs" / "A" / "version_0", "train/block_size")
+        sizes_b2 = scalars(work / "B" / "logs" / "B2" / "version_0", "train/block_size")
+        assert sizes_b2 == {s: v for s, v in sizes_a.items() if s >= k}
+        assert [sizes_a[s] for s in (0, 5, 10, 25)] == [1, 4, 64, 16]
     # the killed run's own log agrees with A up to where it was killed (same seed, same order)
     b = scalars(work / "B" / "logs" / "B" / "version_0", "train/loss")
     assert min(b) == 0 and all(b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-5) for s in b)
