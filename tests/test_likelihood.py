@@ -178,6 +178,29 @@ def test_conditional_groups_share_the_draws():
         assert not any((x[order.index(i), :len(contexts[i])] == MASK).any() for x in seen)  # context never masked
 
 
+def test_conditional_groups_align_the_shared_draws_at_the_target_end():
+    """Cloze choices of different lengths share the rest of the sentence: its tokens get the same rank scores, so in
+    every sample the masked suffix positions of one choice are a subset of the other's (lowest scores first)."""
+    suffix = list(range(30, 40))
+    contexts, targets = [[BOS, 5], [BOS, 5]], [[10] + suffix, [20, 21, 22] + suffix]
+    seen = []
+
+    class Spy(ZeroLogits):
+        def forward(self, idx, attn_mask=None, **kw):
+            seen.append(idx.clone())
+            return super().forward(idx)
+
+    diffusion_conditional_logprob(Spy(), contexts, targets, MASK, PAD, num_samples=16, batch_size=8,
+                                  generator=torch.Generator().manual_seed(0), groups=[0, 0])
+    nested = 0
+    for x in seen:  # row 0 is the shorter pair (length-sorted), right-padded; context = 2 tokens
+        a = set((x[0, 3:13] == MASK).nonzero().flatten().tolist())  # masked suffix positions 0..9 of each row
+        b = set((x[1, 5:15] == MASK).nonzero().flatten().tolist())
+        assert a <= b or b <= a, (a, b)
+        nested += a != b
+    assert 0 < nested < len(seen)  # the counts l_k of the two lengths differ in some samples, not in all
+
+
 def test_conditional_groups_exact_cases_and_batch_size_independence():
     m = tiny(causal=False)
     groups = [0, 0, 1, 1]

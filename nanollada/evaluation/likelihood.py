@@ -134,7 +134,8 @@ def key_padding_mask(real: torch.Tensor) -> torch.Tensor | None:
 
 def _group_draws(groups: list, target_ids: list[list[int]], num_samples: int,
                  generator: torch.Generator | None) -> tuple[list[int], torch.Tensor, list[torch.Tensor]]:
-    """Per group: one u ~ U(0, 1) (sets l_0) and ``num_samples`` rank-score rows over its longest target.
+    """Per group: one u ~ U(0, 1) (sets l_0) and ``num_samples`` rank-score rows over its longest target (a shorter
+    target uses the last columns).
 
     Returns (group index of every pair, u (G,), scores: G tensors (num_samples, L_max of the group)), on the CPU."""
     index: dict = {}
@@ -163,9 +164,10 @@ def diffusion_conditional_logprob(model, context_ids: list[list[int]], target_id
 
     ``groups`` (an item id per pair, e.g. the question a choice belongs to) makes the pairs of one group share their
     Monte-Carlo draws: one u (so pairs of equal target length get the same l_k, and l_k / L stays close otherwise)
-    and, per sample, one rank score per target position (position j of every target of the group gets the same
-    score), so the choices of an item are compared on the same noise and the estimator's noise largely cancels in
-    their differences. Each pair's own draws have exactly the distribution above, so every estimate stays
+    and, per sample, one rank score per target position counted from the target's end (the j-th last token of every
+    target of the group gets the same score, so a suffix the choices share -- the rest of a cloze sentence after the
+    blank -- is masked alike even when the choices differ in length), so the choices of an item are compared on the
+    same noise and the estimator's noise largely cancels in their differences. Each pair's own draws have exactly the distribution above, so every estimate stays
     unbiased. With groups the results do not depend on ``batch_size``; ``groups=None`` draws per mini-batch.
 
     Args:
@@ -202,9 +204,9 @@ def diffusion_conditional_logprob(model, context_ids: list[list[int]], target_id
         else:
             u = group_u[[owner[i] for i in index]].to(device)
             shared = torch.full((num_samples, B, T), 2.0)  # non-targets rank last
-            for b, i in enumerate(index):
-                c = len(context_ids[i])
-                shared[:, b, c: c + len(target_ids[i])] = group_scores[owner[i]][:, :len(target_ids[i])]
+            for b, i in enumerate(index):  # aligned at the target's end: a suffix the choices share is masked alike
+                c, n, scores = len(context_ids[i]), len(target_ids[i]), group_scores[owner[i]]
+                shared[:, b, c: c + n] = scores[:, scores.shape[1] - n:]
             shared = shared.to(device)
         l0 = (u * L).floor().long().clamp(max=L - 1) + 1  # U{1..L}
         total = torch.zeros(B, dtype=torch.float64, device=device)
