@@ -294,3 +294,33 @@ def pipeline_command(argv: list[str]) -> None:
 
 COMMANDS["prepare"] = prepare_command
 COMMANDS["pipeline"] = pipeline_command
+
+
+def merge_command(argv: list[str]) -> None:
+    """average the weights of checkpoints of one run (top-k merge) into one normal checkpoint"""
+    parser = argparse.ArgumentParser(prog="nanollada merge", description=merge_command.__doc__ + " (LLaDA 2.0 "
+                                     "§4.3). Take the k best by val/ppl, e.g. a run's checkpoints/best/*.ckpt.")
+    parser.add_argument("--ckpt", nargs="+", required=True, help="two or more checkpoints of one run")
+    parser.add_argument("--output", required=True, help="the merged .ckpt to write (atomically)")
+    args = parser.parse_args(argv)
+    from nanollada.merge import merge_checkpoints
+    try:
+        meta = merge_checkpoints(args.ckpt, args.output)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"nanollada merge: {e}")
+    print(f"wrote {args.output}: mean of {len(meta['merged_from'])} {meta['paradigm']} checkpoints (float32 average)")
+
+
+COMMANDS["merge"] = merge_command
+
+
+def lm_eval_command(argv: list[str]) -> None:
+    """lm-evaluation-harness on a checkpoint: --model_args ckpt=C,... --tasks T (every lm-eval flag passes through)"""
+    try:
+        from nanollada.evaluation.lm_eval_adapter import main
+    except ImportError as e:
+        raise SystemExit(f"nanollada lm-eval needs lm-evaluation-harness ({e}): pip install 'nanollada[eval]'")
+    main(argv)
+
+
+COMMANDS["lm-eval"] = lm_eval_command

@@ -236,3 +236,21 @@ def test_seq_len_must_be_a_multiple_of_the_block_size(tmp_path):
                      data=dict(seq_len=40, batch_size=2))
     r = run_cli(["fit", "--config", cfg], tmp_path, threads=1, timeout=300)
     assert r.returncode != 0 and "data.seq_len=40 is not a multiple of the block size 32" in r.stderr
+
+
+def test_merge_averages_weights_into_a_normal_checkpoint(bd_runs, tmp_path):
+    work, conv, sft = bd_runs
+    out = tmp_path / "merged.ckpt"
+    r = run_cli(["merge", "--ckpt", conv, sft, "--output", out], work)
+    check_ok(r, "merge")
+    a, b, m = (torch.load(p, weights_only=True) for p in (conv, sft, out))
+    for name, w in m["state_dict"].items():
+        torch.testing.assert_close(w, (a["state_dict"][name].float() + b["state_dict"][name].float()) / 2)
+    assert m["nanollada"]["merged_from"] == [str(conv), str(sft)] and "optimizer_states" not in m
+    r = run_cli(["predict", "--ckpt", out, "--prompt", "Hi", "--max_new_tokens", "8", "--block_length", "8"], work)
+    check_ok(r, "predict on the merged checkpoint")
+    ar = work / "ar.ckpt"
+    torch.save({**a, "nanollada": {**a["nanollada"], "paradigm": "ar"}}, ar)
+    bad = run_cli(["merge", "--ckpt", conv, ar, "--output", tmp_path / "x.ckpt"], work)
+    assert bad.returncode != 0 and "differs from" in bad.stderr and "paradigm" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x.ckpt").exists()
