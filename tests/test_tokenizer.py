@@ -138,7 +138,8 @@ def test_text_without_special_pieces_encodes_as_sentencepiece_does(shipped_token
     """The escaping only touches special pieces, so token ids of ordinary data (and its caches) do not change."""
     for text in TEXTS.values():
         assert shipped_tokenizer.encode(text) == shipped_tokenizer.sp.encode(text)
-    assert shipped_tokenizer.encode("<| im_end |> <s > <|mask") == shipped_tokenizer.sp.encode("<| im_end |> <s > <|mask")
+    near_misses = "<| im_end |> <s > <|mask"
+    assert shipped_tokenizer.encode(near_misses) == shipped_tokenizer.sp.encode(near_misses)
 
 
 @pytest.mark.parametrize("bad", [{"role": "bot", "content": "x"}, {"role": "user", "content": 3}, {"content": "x"}])

@@ -167,8 +167,9 @@ def diffusion_conditional_logprob(model, context_ids: list[list[int]], target_id
     and, per sample, one rank score per target position counted from the target's end (the j-th last token of every
     target of the group gets the same score, so a suffix the choices share -- the rest of a cloze sentence after the
     blank -- is masked alike even when the choices differ in length), so the choices of an item are compared on the
-    same noise and the estimator's noise largely cancels in their differences. Each pair's own draws have exactly the distribution above, so every estimate stays
-    unbiased. With groups the results do not depend on ``batch_size``; ``groups=None`` draws per mini-batch.
+    same noise and the estimator's noise largely cancels in their differences. Each pair's own draws have exactly
+    the distribution above, so every estimate stays unbiased. With groups the results do not depend on
+    ``batch_size``; ``groups=None`` draws per mini-batch (and gives the numbers it gave before groups existed).
 
     Args:
         model: A bidirectional ``Transformer`` (``causal=False``).
