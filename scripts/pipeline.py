@@ -17,9 +17,11 @@ checkpoints and a ``done.json`` marker written after success. A stage with a mar
 without one resumes from its ``checkpoints/last.ckpt`` (``--ckpt_path``) when that exists. So an interrupted run is
 continued by running the same command again, and a finished one is a no-op (``--redo STAGE`` drops a marker).
 
-Training stages run ``python -m nanollada fit --config <run>/<stage>/fit.yaml`` as subprocesses (cwd: the
-repository root, so the configs' relative paths hold). The evaluation stages run ``nanollada validate`` (val/nll of
-every stage's final checkpoint on its own validation rows), ``nanollada compare`` (the two SFT checkpoints on a few
+Training stages run ``python -m nanollada fit --config <run>/<stage>/fit.yaml [--KEY=VALUE ...]`` as subprocesses
+(cwd: the repository root, so the configs' relative paths hold); ``--set KEY=VALUE`` reaches LightningCLI as it is
+(``--KEY=VALUE`` after ``--config``, for fit and validate; the prepare stage resolves ``data.*`` ones the same way).
+The evaluation stages run ``nanollada validate --results_json`` (val/nll of every stage's final checkpoint on its
+own validation rows, read back from that JSON), ``nanollada compare`` (the two SFT checkpoints on a few
 English and Chinese instructions) and ``nanollada eval`` (when that command exists: perplexity of the validation
 records per source, BLiMP / CLiMP / ChID / CMMLU, every checkpoint side by side).
 """
@@ -29,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -71,12 +72,12 @@ PROFILES = {
 VALIDATE_SNIPPET = """
 import json, sys
 from nanollada.cli import main
-for stage, config, ckpt in json.loads(sys.argv[1]):
+for stage, config, ckpt, results, overrides in json.loads(sys.argv[1]):
     print("===== validate " + stage, flush=True)
-    main(["validate", "--config", config, "--ckpt_path", ckpt, "--trainer.logger=false"])
+    main(["validate", "--config", config, "--ckpt_path", ckpt, "--trainer.logger=false", *overrides,
+          "--results_json", results])
     sys.stdout.flush()
 """
-METRIC = re.compile(r"(val/[A-Za-z_]+)[\s│|]+([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))")
 
 
 def log(msg: str) -> None:
@@ -94,6 +95,7 @@ class Pipeline:
         if args.data_root:
             self.env["NANOLLADA_DATA"] = str(Path(args.data_root).resolve())
         self.data_root = self.env.get("NANOLLADA_DATA")
+        self.overrides = lightning_overrides(args.set)
         self.configs = {s: self.derive_config(s) for s in TRAIN_STAGES}
 
     # ------------------------------------------------------------------ paths and markers
@@ -151,14 +153,6 @@ class Pipeline:
         cfg["model"]["init_args"]["init_from"] = str(self.final_ckpt(init)) if init else None
         if a.cache_dir:
             cfg["data"]["cache_dir"] = str(Path(a.cache_dir).resolve())
-        for item in a.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"--set wants KEY=VALUE (dotted key), got {item!r}")
-            node, parts = cfg, key.split(".")
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = yaml.safe_load(value)
         return cfg
 
     def write_config(self, stage: str) -> Path:
@@ -261,7 +255,7 @@ class Pipeline:
                 cwd = os.getcwd()
                 os.chdir(REPO)  # the configs' relative paths (data, tokenizer, cache) are repository-relative
                 try:
-                    r = prepare_config(cfg, log=plog)
+                    r = prepare_config(cfg, log=plog, overrides=self.overrides)
                 except (FileNotFoundError, ValueError) as e:
                     raise SystemExit(f"[pipeline] prepare failed: {e}")
                 finally:
@@ -284,7 +278,7 @@ class Pipeline:
         if init and not self.args.dry_run and not self.final_ckpt(init).is_file():
             raise SystemExit(f"[pipeline] {stage} needs {self.final_ckpt(init)} (stage {init} has not finished)")
         cfg_path = self.write_config(stage)
-        cmd = self.nanollada("fit", "--config", str(cfg_path))
+        cmd = self.nanollada("fit", "--config", str(cfg_path), *self.overrides)
         last = self.final_ckpt(stage)
         resumed = last.is_file()
         if resumed:
@@ -308,9 +302,12 @@ class Pipeline:
     def stage_validate(self) -> dict:
         """``nanollada validate`` of every stage's final checkpoint, all four in one process (one start-up)."""
         d = self.stage_dir("validate")
-        jobs = [(s, str(self.write_config(s)), str(self.final_ckpt(s))) for s in TRAIN_STAGES]
-        for s, cfg, ckpt in jobs:
-            log(f"validate {s}: nanollada validate --config {cfg} --ckpt_path {ckpt} --trainer.logger=false")
+        jobs = [(s, str(self.write_config(s)), str(self.final_ckpt(s)), str(d / f"{s}.json"), self.overrides)
+                for s in TRAIN_STAGES]
+        for s, cfg, ckpt, out_json, overrides in jobs:
+            Path(out_json).unlink(missing_ok=True)
+            log(f"validate {s}: " + shlex.join(["nanollada", "validate", "--config", cfg, "--ckpt_path", ckpt,
+                                                "--trainer.logger=false", *overrides, "--results_json", out_json]))
         rc, out = self.run_cmd([sys.executable, "-c", VALIDATE_SNIPPET, json.dumps(jobs)], d / "validate.log",
                                echo=False)
         if rc:
@@ -318,10 +315,10 @@ class Pipeline:
         if self.args.dry_run:
             return {}
         results = {}
-        for part in out.split("===== validate ")[1:]:
-            stage = part.split(None, 1)[0]
-            results[stage] = {k: float(v) for k, v in METRIC.findall(part)}
-            log(f"validate {stage}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[stage].items()))
+        for stage, _, _, out_json, _ in jobs:  # structured results, not the console table
+            if Path(out_json).is_file():
+                results[stage] = json.loads(Path(out_json).read_text(encoding="utf-8"))["metrics"]
+                log(f"validate {stage}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[stage].items()))
         missing = [s for s in TRAIN_STAGES if "val/nll" not in results.get(s, {})]
         if missing:
             self.fail("validate", 1, out + f"\nno val/nll found for {missing}")
@@ -461,6 +458,19 @@ class Pipeline:
                 return
 
 
+def lightning_overrides(items: list[str]) -> list[str]:
+    """``--set KEY=VALUE`` items as LightningCLI arguments, unchanged: ``--KEY=VALUE``."""
+    out = []
+    for item in items:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE (a LightningCLI dotted key), got {item!r}")
+        if key == "trainer.max_steps":
+            raise SystemExit("use --max_steps N (the pipeline checks each stage's final step against it)")
+        out.append(f"--{item}")
+    return out
+
+
 def checkpoint_step(path: Path) -> int | None:
     if not path.is_file():
         return None
@@ -512,7 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval_tasks", nargs="+", default=None, help="tasks of the eval stage (default: by profile)")
     ap.add_argument("--eval_limit", type=int, default=None, help="items per eval task (default: by profile)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override any config value of every training stage, e.g. --set data.num_workers=0")
+                    help="LightningCLI override for every stage's fit and validate (and prepare's data), passed "
+                         "as --KEY=VALUE, e.g. --set data.num_workers=0")
     ap.add_argument("--redo", nargs="+", default=[], choices=STAGES, help="drop these stages' done markers first")
     ap.add_argument("--only", nargs="+", default=None, choices=STAGES, help="run only these stages (in order)")
     ap.add_argument("--stop_after", default=None, choices=STAGES, help="stop after this stage")

@@ -73,8 +73,11 @@ def test_derived_configs_stay_in_the_run(tmp_path, capsys):
             "--set", "data.num_workers=0", "--quiet"])
     out = capsys.readouterr().out
     root = tmp_path / "r"
+    profile_cfgs = {s: yaml.safe_load((CONFIGS / "real" / "cpu" / f"{s}.yaml").read_text()) for s in STAGES}
     for stage in STAGES:
-        assert f"nanollada fit --config {root / stage / 'fit.yaml'}" in out
+        # --set reaches LightningCLI as it is, after the derived config
+        assert f"nanollada fit --config {root / stage / 'fit.yaml'} --data.num_workers=0" in out
+        assert f"--data.num_workers=0 --results_json {root / 'validate' / stage}.json" in out
         cfg = yaml.safe_load((root / stage / "fit.yaml").read_text())
         tr = cfg["trainer"]
         assert tr["max_steps"] == 7 and tr["val_check_interval"] == 7
@@ -83,7 +86,7 @@ def test_derived_configs_stay_in_the_run(tmp_path, capsys):
         assert ckpt["dirpath"] == str(root / stage / "checkpoints") and ckpt["every_n_train_steps"] == 7
         init = cfg["model"]["init_args"]["init_from"]
         assert init is None or init.startswith(str(root))
-        assert cfg["data"]["num_workers"] == 0
+        assert cfg["data"] == profile_cfgs[stage]["data"]  # the derived YAML keeps the profile's data section
     for cmd in ("nanollada validate", "nanollada compare", "nanollada eval"):
         assert cmd in out
     assert not (root / "results.md").exists()  # a dry run writes only configs
