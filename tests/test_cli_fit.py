@@ -31,41 +31,105 @@ def rel(p: Path) -> str:
     return str(p.relative_to(CONFIGS))
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=[rel(p) for p in ALL_CONFIGS])
-def test_config_parses(config, capsys, monkeypatch):
-    from nanollada.cli import main
-    monkeypatch.chdir(CONFIGS.parent)  # configs name repo-relative data files
-    monkeypatch.setattr("sys.argv", ["nanollada"])  # LightningCLI warns when pytest's argv is also present
-    with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(config), "--print_config"])
-    out = capsys.readouterr().out
-    assert e.value.code in (0, None), out + capsys.readouterr().err
-    printed = yaml.safe_load(out)
-    source = yaml.safe_load(config.read_text())
-    assert printed["model"]["class_path"] == source["model"]["class_path"]
-    assert printed["model"]["init_args"]["preset"] == source["model"]["init_args"]["preset"]
-    assert printed["data"]["train_files"] == source["data"]["train_files"]
-    for f in source["data"]["train_files"]:
-        root = source["data"].get("data_root")
-        assert (CONFIGS.parent / (root or "") / f).is_file() or root, f"{config}: {f} does not exist"
-    assert printed["trainer"]["max_steps"] == source["trainer"]["max_steps"] > 0
+# Every config, by directory: the chain of stages each set holds (a new config must be added here).
+CHAIN = ["ar_pretrain", "diffusion_pretrain", "block_diffusion_pretrain", "diffusion_from_ar", "block_diffusion_from_ar",
+         "ar_sft", "diffusion_sft", "block_diffusion_sft"]
+REAL_CHAIN = [s for s in CHAIN if not s.endswith("diffusion_pretrain")]
+EXPECTED_CONFIGS = sorted([f"{s}.yaml" for s in CHAIN] + [f"tiny/{s}.yaml" for s in CHAIN]
+                          + [f"real/{s}.yaml" for s in REAL_CHAIN] + [f"real/cpu/{s}.yaml" for s in REAL_CHAIN]
+                          + ["multi_gpu/ar_pretrain_ddp.yaml", "multi_gpu/diffusion_pretrain_fsdp.yaml"])
+# Parameters by hand (see tests/test_model.py): blocks + final norm, plus the tied embedding vocab x d.
+BODY, WIDTH = {"tiny": 2 * 101_568 + 96, "small": 6 * 705_024 + 256, "base": 8 * 2_819_072 + 512}, \
+    {"tiny": 96, "small": 256, "base": 512}
+SHARED_DATA = CONFIGS.parent.parent / "shared" / "data"
 
 
 def test_config_discovery():
-    assert len(ALL_CONFIGS) >= 2 and any(p.parent.name == "tiny" for p in ALL_CONFIGS)
+    assert [rel(p) for p in ALL_CONFIGS] == EXPECTED_CONFIGS
 
 
-@pytest.mark.skipif(not FLAGSHIP.exists(), reason="no flagship config")
-def test_flagship_is_the_base_preset(capsys, monkeypatch):
-    from nanollada.cli import main
-    monkeypatch.chdir(CONFIGS.parent)
-    monkeypatch.setattr("sys.argv", ["nanollada"])
-    with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(FLAGSHIP), "--print_config"])
-    assert e.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["preset"] == "base"
-    assert printed["model"]["class_path"].endswith("ARLM")
+@pytest.fixture(scope="module")
+def config_cli():
+    """One LightningCLI (run=False) whose parser instantiates every config in turn (building the parser is the slow
+    part); ``instantiate(config, *overrides)`` returns it with model, datamodule, trainer and callbacks built."""
+    import warnings
+
+    from nanollada.cli import NanoLLaDACLI
+    from nanollada.data.datamodule import LMDataModule
+    from nanollada.lm.base import LanguageModel
+    mp = pytest.MonkeyPatch()
+    mp.chdir(CONFIGS.parent)  # configs name repo-relative data files, tokenizers and outputs
+    mp.delenv("NANOLLADA_DATA", raising=False)
+    mp.setattr("sys.argv", ["nanollada"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = NanoLLaDACLI(LanguageModel, LMDataModule, subclass_mode_model=True, run=False, save_config_callback=None,
+                           args=["--config", str(CONFIGS / "tiny" / "ar_pretrain.yaml")],
+                           trainer_defaults={"use_distributed_sampler": False})
+
+    def instantiate(config, *overrides):
+        cli.config = cli.parser.parse_args(["--config", str(config), *overrides])
+        del cli.config_dump  # LightningCLI's hparams for save_hyperparameters come from this dump of the config
+        cli._dump_config()
+        with warnings.catch_warnings(), torch.device("meta"):  # weights on meta: shapes only, no init cost
+            warnings.simplefilter("ignore")
+            cli.instantiate_classes()
+        return cli
+    yield instantiate
+    mp.undo()
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=[rel(p) for p in ALL_CONFIGS])
+def test_config_instantiates(config, config_cli):
+    """LightningCLI (run=False) builds model, data, trainer and callbacks exactly as the YAML says; an init_from
+    checkpoint that does not exist (yet) is not read; data files exist (for ../shared/data: where it is present)."""
+    import lightning.pytorch as pl
+    source = yaml.safe_load(config.read_text())
+    tr, model_cfg, data_cfg = source["trainer"], source["model"], source["data"]
+    strategy = tr.get("strategy")
+    fsdp_here = isinstance(strategy, dict) and strategy["class_path"].endswith("FSDPStrategy") and \
+        not torch.cuda.is_available()
+    # FSDP needs a CUDA accelerator: without one the trainer is built with the default strategy and the YAML's
+    # FSDPStrategy (mixed precision, wrap policy, kwargs) is instantiated on its own below.
+    cli = config_cli(config, *(["--trainer.strategy=auto"] if fsdp_here else []))
+    model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    assert f"{type(model).__module__.rsplit('.', 1)[0]}.{type(model).__name__}" == model_cfg["class_path"] or \
+        f"{type(model).__module__}.{type(model).__name__}" == model_cfg["class_path"]
+    preset = model_cfg["init_args"]["preset"]
+    assert model.model.num_params() == BODY[preset] + model.tokenizer.vocab_size * WIDTH[preset]
+    assert model.tokenizer.fingerprint() == dm.tokenizer.fingerprint()  # linked: one tokenizer setting
+    assert model.init_report is None  # init_from is read when a fit starts, not here
+    assert trainer.max_steps == tr["max_steps"] > 0
+    assert trainer.accumulate_grad_batches == tr["accumulate_grad_batches"]
+    assert type(trainer.precision_plugin).__name__ == {"32-true": "Precision", "bf16-mixed": "MixedPrecision"}[
+        tr["precision"]]
+    if isinstance(strategy, dict) and not fsdp_here:
+        assert type(trainer.strategy).__name__ == strategy["class_path"].rsplit(".", 1)[-1]
+    if fsdp_here:
+        from jsonargparse import ArgumentParser
+        p = ArgumentParser(exit_on_error=False)
+        p.add_argument("--strategy", type=pl.strategies.Strategy)
+        fsdp = p.instantiate(p.parse_object({"strategy": strategy})).strategy
+        assert type(fsdp).__name__ == "FSDPStrategy" and fsdp.mixed_precision_config.param_dtype == torch.bfloat16
+        assert fsdp.kwargs["use_orig_params"] is True
+    built = {f"{type(c).__module__}.{type(c).__name__}" for c in trainer.callbacks}
+    for cb in tr["callbacks"]:
+        name = cb["class_path"].rsplit(".", 1)[-1]
+        assert any(b.endswith("." + name) for b in built), (cb["class_path"], built)
+    assert type(trainer.logger).__name__ == tr["logger"]["class_path"].rsplit(".", 1)[-1]
+    assert dm.kind == data_cfg["kind"] and dm.seq_len == data_cfg["seq_len"]
+    root = data_cfg.get("data_root")
+    if root is None or (root == "../shared/data" and SHARED_DATA.is_dir()):
+        for f in dm.files:
+            assert Path(f).is_file(), f"{rel(config)}: data file {f} does not exist"
+
+
+def test_flagship_is_the_base_preset(config_cli):
+    cli = config_cli(FLAGSHIP)
+    from nanollada.lm import ARLM
+    assert type(cli.model) is ARLM and cli.model.hparams.preset == "base"
+    assert cli.model.model.num_params() == 26_747_392  # README: 26.7M with the 8k tokenizer
+    assert cli.trainer.precision == "bf16-mixed"
 
 
 # ---------------------------------------------------------------------------------------------- training runs
