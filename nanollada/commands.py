@@ -199,7 +199,49 @@ COMMANDS["export"] = export_command
 
 
 def eval_command(argv: list[str]) -> None:
-    """score checkpoints on perplexity, minimal-pair, choice, cloze and raw-text tasks: JSON and a markdown table"""
+    """score checkpoints on perplexity, minimal-pair, choice, cloze and raw-text tasks, or --generate quality/speed"""
+def _eval_generate(args) -> None:
+    """``nanollada eval --generate``: generation quality against speed (``evaluation.generation``)."""
+    import json
+    import sys
+
+    from nanollada.data.records import DataError
+    from nanollada.evaluation.generation import (base_settings, format_sweep, load_prompts, parse_sweep,
+                                                 plot_sweep, run_sweep)
+    from nanollada.evaluation.runner import EvalSettings, checkpoint_labels, default_cloze_strategies
+    if not args.prompts:
+        raise SystemExit("nanollada eval --generate: give --prompts (a .txt/.jsonl prompts file, an SFT file, a "
+                         "pretrain file or ppl-<source>)")
+    try:
+        prompts, where = load_prompts(args.prompts, args.limit, args.prefix_chars, args.data_root)
+        grid = parse_sweep(args.sweep or [])
+        overrides = parse_sweep(args.set or [])
+        if any(len(v) != 1 for v in overrides.values()):
+            raise ValueError("--set takes one value per field (use --sweep for several)")
+        settings = base_settings(args.max_new_tokens, **{k: v[0] for k, v in overrides.items()})
+        scoring = EvalSettings(batch_size=args.batch_size, samples=args.samples, seed=args.seed)
+    except (DataError, ValueError) as e:
+        raise SystemExit(f"nanollada eval --generate: {e}")
+    print(f"[generate] prompts: {where}", file=sys.stderr)
+    device = _device(args.device)
+    models = [_load(p, device) for p in args.ckpt]
+    judge = _load(args.judge, device) if args.judge else None
+    strategies = default_cloze_strategies() if args.strategies is None else args.strategies
+    try:
+        result = run_sweep(models, checkpoint_labels(args.ckpt), prompts, settings, strategies, grid, judge, scoring,
+                           log=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        raise SystemExit(f"nanollada eval --generate: {e}")
+    result["prompts_source"] = where
+    print(format_sweep(result))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, ensure_ascii=False, indent=1)
+        print(f"wrote {args.output}", file=sys.stderr)
+    if args.plot and plot_sweep(result, args.plot):
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
     import json
     import sys
 
@@ -217,15 +259,13 @@ def eval_command(argv: list[str]) -> None:
                "of its documents.")
     parser.add_argument("--ckpt", action="extend", nargs="+", required=True,
                         help="checkpoint(s); repeat or list several for a side-by-side table")
-    parser.add_argument("--tasks", action="extend", nargs="+", required=True, help="task names or files")
+    parser.add_argument("--tasks", action="extend", nargs="+", default=None, help="task names or files")
     parser.add_argument("--limit", type=int, default=None,
                         help="at most N items per task, spread evenly over the file (shared round-robin over "
                              "phenomena/subjects first)")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the diffusion estimators")
     parser.add_argument("--seed", type=int, default=0, help="seed of the diffusion estimators")
-    parser.add_argument("--data_root", default=None,
-                        help=f"data directory (default: $NANOLLADA_DATA, else {DEFAULT_DATA_ROOT})")
     parser.add_argument("--stride", type=int, default=None,
                         help="texts longer than max_seq_len are scored in windows: tokens scored per window after "
                              "the first (default max_seq_len // 2)")
@@ -233,14 +273,38 @@ def eval_command(argv: list[str]) -> None:
                         help=".txt tasks: documents end at blank lines, start at headings (markdown '# ' or "
                              "WikiText ' = Title = '), or the file is one document; auto: heading if the file has one")
     parser.add_argument("--strategies", nargs="*", default=None,
-                        help="cloze tasks: the diffusion decoders whose greedy completion is scored (default: every "
-                             "registered strategy; give none for only the one-block greedy continuation)")
+                        help="the diffusion decoders of cloze tasks and of --generate (default: every registered "
+                             "strategy; cloze: give none for only the one-block greedy continuation)")
+    parser.add_argument("--data_root", default=None,
+                        help=f"data directory (default: $NANOLLADA_DATA, else {DEFAULT_DATA_ROOT})")
     parser.add_argument("--output", default=None, help="JSON file for the full results")
     parser.add_argument("--markdown", default=None, help="markdown file for the table (+ per-phenomenon tables)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     args = parser.parse_args(argv)
     try:
+    gen = parser.add_argument_group("generation quality vs speed (--generate)")
+    gen.add_argument("--generate", action="store_true",
+                     help="instead of tasks: generate for --prompts with every decoder (--strategies) and sweep point "
+                          "(--sweep), and report judge perplexity, unigram entropy, repeated-4-gram rate, mean "
+                          "length, tokens per forward and tokens/s")
+    gen.add_argument("--prompts", default=None,
+                     help="a .txt (one prompt per line) or .jsonl ('prompt') file, an SFT file (first user turns), a "
+                          "pretrain file or ppl-<source> (prefixes of its validation records); --limit N of them")
+    gen.add_argument("--judge", default=None, help="checkpoint whose perplexity of the generated text is reported")
+    gen.add_argument("--sweep", action="extend", nargs="+", default=None, metavar="FIELD=V1,V2",
+                     help="generation settings to sweep, e.g. threshold=0.5,0.7,0.9 steps=4,8,16 block_length=8,32 "
+                          "(combinations a decoder ignores run once)")
+    gen.add_argument("--set", action="extend", nargs="+", default=None, metavar="FIELD=V",
+                     help="fixed generation settings (default: greedy, block_length 32, no prefix cache)")
+    gen.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate per prompt")
+    gen.add_argument("--prefix_chars", type=int, default=120, help="length of pretraining-text prompts (characters)")
+    gen.add_argument("--plot", default=None, help="PNG of quality against tokens/s (needs matplotlib)")
         settings = EvalSettings(batch_size=args.batch_size, samples=args.samples, seed=args.seed, stride=args.stride)
+    if args.generate:
+        _eval_generate(args)
+        return
+    if not args.tasks:
+        parser.error("give --tasks (or --generate --prompts P)")
         tasks = []
         for spec in args.tasks:
             tasks.append(resolve_task(spec, args.data_root, args.limit, args.text_split))

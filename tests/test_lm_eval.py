@@ -189,9 +189,9 @@ def test_generate_until_matches_the_cloze_decoder_and_honours_stop_sequences(tas
 def test_nanollada_lm_eval_cli_passes_lm_eval_flags_through(task_dir, shipped_tokenizer, tmp_path):
     ckpt = write_checkpoint(tmp_path / "ar.ckpt", tiny(shipped_tokenizer, True))
     out_dir = tmp_path / "out"
-    r = run_cli(["lm-eval", "--model_args", f"ckpt={ckpt},samples=2", "--batch_size", "4", "--tasks", "nl_mc", "--include_path",
-                 task_dir, "--local_tasks_only", "--limit", "2", "--output_path", out_dir], tmp_path, threads=1,
-                timeout=240)
+    r = run_cli(["lm-eval", "--model_args", f"ckpt={ckpt},samples=2", "--batch_size", "4", "--tasks", "nl_mc",
+                 "--include_path", task_dir, "--local_tasks_only", "--limit", "2", "--output_path", out_dir],
+                tmp_path, threads=1, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     files = list(out_dir.rglob("results_*.json"))
     assert len(files) == 1
