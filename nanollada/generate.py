@@ -18,6 +18,11 @@ import torch
 from nanollada.sampling.diffusion import STRATEGIES, print_trace, trace_to_html
 
 MAX_PROMPT_CHARS = 100_000
+# LLaDA 2.1 editing presets (tau_mask, tau_edit). The report gives no numbers; these are public implementations'
+# defaults: SGLang JointThreshold (0.5, 0.0) for speedy, the diffusers LLaDA2 example (0.7, 0.5) for quality; HF
+# modeling_llada21_moe uses (0.95, 0.9) (``editing: custom`` with those thresholds).
+EDITING_PRESETS = {"speedy": (0.5, 0.0), "quality": (0.7, 0.5)}
+
 
 
 @dataclass
@@ -41,6 +46,15 @@ class GenerationSettings:
         use_prefix_cache: Diffusion: Fast-dLLM prefix KV cache (prompt and finished blocks computed once per block).
         chat: Wrap the prompt in the chat template; None = automatically for SFT checkpoints.
         seed: Seed of every random draw, so outputs are reproducible.
+        editing: Block diffusion: LLaDA 2.1 token editing (committed tokens of the current block may be rewritten):
+            ``off``; ``speedy`` (threshold 0.5, edit_threshold 0.0: commit early, repair by edits -- SGLang's
+            JointThreshold defaults); ``quality`` (threshold 0.7, edit_threshold 0.5 -- the diffusers LLaDA2
+            example); ``custom`` (``threshold`` and ``edit_threshold`` as given; HF LLaDA2.1 uses 0.95 / 0.9).
+        edit_threshold: Block diffusion, ``editing: custom``: rewrite a committed token when the model's argmax
+            differs from it with probability above this (tau_edit; 1 = never).
+        max_post_edit_steps: Block diffusion editing: edit-only steps allowed after a block has no masks left.
+        edit_penalty: Block diffusion editing: subtract this from the logit of the previous position's token
+            (SGLang's ``penalty_lambda``, against n-gram stutter; 0 = off).
     """
 
     max_new_tokens: int = 128
@@ -58,6 +72,11 @@ class GenerationSettings:
     use_prefix_cache: bool = False
     chat: bool | None = None
     seed: int = 0
+    editing: Literal["off", "speedy", "quality", "custom"] = "off"
+    edit_threshold: float = 0.9
+    max_post_edit_steps: int = 16
+    edit_penalty: float = 0.0
+
 
     def __post_init__(self) -> None:
         """Reject meaningless values with the flag, the value and the allowed range."""
@@ -85,6 +104,22 @@ class GenerationSettings:
             bad("commit_top_k", self.commit_top_k, ">= 1")
         if self.budget is not None and self.budget < 1:
             bad("budget", self.budget, ">= 1, or null for no cap")
+        if not 0 <= self.edit_threshold <= 1:
+            bad("edit_threshold", self.edit_threshold, "[0, 1]")
+        if self.max_post_edit_steps < 0:
+            bad("max_post_edit_steps", self.max_post_edit_steps, ">= 0")
+        if self.edit_penalty < 0:
+            bad("edit_penalty", self.edit_penalty, ">= 0 (0 = off)")
+        if self.editing not in EDITING_PRESETS and self.editing not in ("off", "custom"):
+            bad("editing", self.editing, f"off, custom or one of {sorted(EDITING_PRESETS)}")
+
+    def editing_thresholds(self) -> tuple[float, float] | None:
+        """(tau_mask, tau_edit) of the editing decoder, or None when editing is off."""
+        if self.editing == "off":
+            return None
+        if self.editing == "custom":
+            return self.threshold, self.edit_threshold
+        return EDITING_PRESETS[self.editing]
 
 
 def encode_prompt(interface, prompt: str, chat: bool | None) -> list[int]:

@@ -116,6 +116,16 @@ class BlockDiffusionLM(LanguageModel):
             §7.1, for AR initialisation); 0 = off.
         embed_noise_steps: Optimizer steps with that noise.
         noise_seed: Seed of the training masks (a function of step, micro-batch and rank: resume is exact).
+        edit_rate: LLaDA 2.1 editing objective (our design; the report does not publish rates): the share of the
+            visible (unmasked, eligible) tokens of x_t replaced by a random ordinary token (special ids excluded);
+            the model then learns to recover the original at every visible eligible position (T2T: the corrupted
+            ones carry the signal, the clean ones teach it to keep correct tokens) besides the masked ones (M2T).
+            0 = off (LLaDA 2.0).
+        edit_warmup_steps: Optimizer steps over which the corruption rate rises linearly from 0 to ``edit_rate``.
+        t2t_weight: Weight of the T2T loss (per row: sum of CE over visible eligible positions / eligible count).
+        self_corrupt: Corrupt with the model's own predictions instead of uniform noise (the report's "multi-turn
+            forward"): one extra no-grad forward predicts the chosen positions as if masked and those predictions
+            replace them, so the model learns to repair its own kind of mistakes.
         **kwargs: Backbone, optimizer and schedule arguments of ``LanguageModel``.
     """
 
@@ -127,7 +137,8 @@ class BlockDiffusionLM(LanguageModel):
                  mask_ratio: MaskRatioSampler | None = None, per_block_time: bool = False,
                  complementary_masking: bool = False, cap_lambda: float = 0.0, val_samples: int = 4,
                  val_seed: int = 1234, embed_noise_std: float = 0.0, embed_noise_steps: int = 0, noise_seed: int = 0,
-                 **kwargs):
+                 edit_rate: float = 0.0, edit_warmup_steps: int = 0, t2t_weight: float = 1.0,
+                 self_corrupt: bool = False, **kwargs):
         super().__init__(**kwargs)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -135,12 +146,37 @@ class BlockDiffusionLM(LanguageModel):
             raise ValueError(f"cap_lambda must be >= 0, got {cap_lambda}")
         if val_samples < 1:
             raise ValueError(f"val_samples must be >= 1, got {val_samples}")
+        if not 0.0 <= edit_rate < 1.0 or t2t_weight < 0 or edit_warmup_steps < 0:
+            raise ValueError(f"need 0 <= edit_rate < 1, t2t_weight >= 0, edit_warmup_steps >= 0; got {edit_rate}, "
+                             f"{t2t_weight}, {edit_warmup_steps}")
+        special = set(self.tokenizer.special_ids)
+        self.register_buffer("ordinary_ids", torch.tensor([i for i in range(self.tokenizer.vocab_size)
+                                                           if i not in special]), persistent=False)
         self.block_schedule = block_schedule
         self.mask_ratio = mask_ratio if mask_ratio is not None else IIDTime()
         self.mask_id = self.tokenizer.mask_id
 
     def paradigm_config(self) -> dict:
-        return {"block_size": self.hparams.block_size}
+        return {"block_size": self.hparams.block_size, "editing_trained": self.hparams.edit_rate > 0}
+
+    def corrupt(self, noisy, ids, masked, eligible, docs, block, g) -> tuple[torch.Tensor, torch.Tensor]:
+        """The editing objective's input: replace a share of the visible eligible tokens (uniform random ordinary
+        tokens, or the model's own predictions with ``self_corrupt``). Returns (noisy ids, T2T positions)."""
+        h, step = self.hparams, self.global_step
+        rate = h.edit_rate * min(1.0, (step + 1) / h.edit_warmup_steps) if h.edit_warmup_steps else h.edit_rate
+        visible = eligible & ~masked
+        chosen = (torch.rand(ids.shape, generator=g, device=g.device).to(ids.device) < rate) & visible
+        if h.self_corrupt:
+            with torch.no_grad():
+                probe = torch.where(chosen, torch.full_like(ids, self.mask_id), noisy)
+                logits = block_diffusion_logits(self.forward_model, probe, ids, docs, block).float()
+                logits[..., list(self.tokenizer.special_ids)] = -torch.inf
+                repl = logits.argmax(-1)
+        else:
+            pick = torch.randint(0, len(self.ordinary_ids), ids.shape, generator=g, device=g.device).to(ids.device)
+            repl = self.ordinary_ids[pick]
+        self.log("train/corrupted", chosen.sum() / eligible.sum().clamp(min=1), on_step=True)
+        return torch.where(chosen, repl, noisy), visible
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -188,11 +224,15 @@ class BlockDiffusionLM(LanguageModel):
             eligible = torch.cat([eligible, eligible.new_ones((B, extra))], 1)
             docs = torch.cat([docs, docs[:, -1:].expand(B, extra)], 1)
         noisy, masked, p_mask = self.noise(ids, eligible, block, g)
+        t2t = None
+        if h.edit_rate > 0:
+            noisy, t2t = self.corrupt(noisy, ids, masked, eligible, docs, block, g)
         if h.complementary_masking:
             comp = eligible & ~masked
             noisy = torch.cat([noisy, torch.where(comp, torch.full_like(ids, self.mask_id), ids)])
             masked, p_mask = torch.cat([masked, comp]), torch.cat([p_mask, (1 - p_mask).clamp(min=1e-3)])
             ids, eligible, docs = ids.repeat(2, 1), eligible.repeat(2, 1), docs.repeat(2, 1)
+            t2t = None if t2t is None else torch.cat([t2t, torch.zeros_like(t2t)])
         embeds = None
         if h.embed_noise_std > 0 and step < h.embed_noise_steps:
             embeds = self.model.embed(torch.cat([noisy, ids], 1))
@@ -200,6 +240,11 @@ class BlockDiffusionLM(LanguageModel):
             embeds = embeds + h.embed_noise_std * noise * torch.cat([masked, torch.zeros_like(masked)], 1)[..., None]
         logits = block_diffusion_logits(self.forward_model, noisy, ids, docs, block, inputs_embeds=embeds)
         loss = block_diffusion_loss(logits, ids, masked, eligible, p_mask)
+        if t2t is not None:
+            ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
+            t2t_loss = ((ce * t2t).sum(1) / eligible.sum(1).clamp(min=1)).mean()
+            self.log("train/t2t_loss", t2t_loss, on_step=True)
+            loss = loss + h.t2t_weight * t2t_loss
         if h.cap_lambda > 0:
             cap = cap_entropy(logits, ids, masked)
             self.log("train/cap_entropy", cap, on_step=True)

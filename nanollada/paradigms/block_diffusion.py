@@ -18,7 +18,7 @@ from nanollada.evaluation.block_likelihood import block_diffusion_elbo
 from nanollada.paradigms.base import Generation, Paradigm, ScoringSettings, cpu_generator, register_paradigm
 from nanollada.paradigms.masked_diffusion import MaskedDiffusionParadigm, pad_right
 from nanollada.sampling.block_diffusion import block_diffusion_generate, canvas_length
-from nanollada.sampling.diffusion import LowConfidence, build_strategy
+from nanollada.sampling.diffusion import ConfidenceThreshold, LowConfidence, build_strategy
 
 
 @register_paradigm("block_diffusion")
@@ -90,12 +90,18 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
         G = canvas_length(len(prompt_ids), settings.max_new_tokens, block, self.model.cfg.max_seq_len)
         g = torch.Generator(device=self.device).manual_seed(settings.seed)
         step_cb = None if on_step is None else (lambda canvas: on_step(canvas[0].tolist()))
+        editing = settings.editing_thresholds()  # LLaDA 2.1: (tau_mask, tau_edit), or None
+        strategy = ConfidenceThreshold(editing[0]) if editing else build_strategy(settings.strategy, settings, block)
         out = block_diffusion_generate(self.model, torch.tensor([prompt_ids], device=self.device), gen_length=G,
-                                       block_size=block, strategy=build_strategy(settings.strategy, settings, block),
-                                       mask_id=tok.mask_id, eos_id=tok.eos_id, temperature=settings.temperature,
-                                       generator=g, use_cache=settings.use_kv_cache, record_trace=record_trace,
-                                       on_step=step_cb)
+                                       block_size=block, strategy=strategy, mask_id=tok.mask_id, eos_id=tok.eos_id,
+                                       temperature=settings.temperature, generator=g, use_cache=settings.use_kv_cache,
+                                       record_trace=record_trace, on_step=step_cb,
+                                       edit_threshold=editing[1] if editing else None,
+                                       max_post_edit_steps=settings.max_post_edit_steps,
+                                       edit_penalty=settings.edit_penalty if editing else 0.0)
+        extra = {"steps_per_block": out.steps_per_block, "block_length": block}
+        if editing:
+            extra.update(editing=settings.editing, edits=out.edits, tau_mask=editing[0], tau_edit=editing[1])
         return Generation(tokens=self.cut_at_stop(out.generated[0].tolist()), produced=G, forwards=out.forwards,
-                          first_token_seconds=out.first_round_seconds, seconds=out.seconds,
-                          extra={"steps_per_block": out.steps_per_block, "block_length": block},
+                          first_token_seconds=out.first_round_seconds, seconds=out.seconds, extra=extra,
                           trace=[c[0] for c in out.trace], stopped_early=out.stopped_early)

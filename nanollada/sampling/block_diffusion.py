@@ -59,6 +59,9 @@ def block_diffusion_generate(
     record_trace: bool = False,
     on_step=None,
     logits_log: list | None = None,
+    edit_threshold: float | None = None,
+    max_post_edit_steps: int = 16,
+    edit_penalty: float = 0.0,
 ) -> DiffusionOutput:
     """Fill ``gen_length`` masks after prompt_ids (B, P) long (equal-length prompts), block by block.
 
@@ -66,6 +69,14 @@ def block_diffusion_generate(
     uncached blocks (exact, see the module docstring); False recomputes the canvas up to the current block each step.
     ``on_step(generated (B, G))`` after each step may return True to stop; ``logits_log``, a list, receives every
     step's logits of the current block (B, block_size, V) on the CPU (tests compare cached and uncached decoding).
+
+    Token editing (LLaDA 2.1, ``edit_threshold`` not None): in the same step as the commits, every committed
+    non-prompt position of the current block whose argmax v differs from its token and has p(v) > edit_threshold
+    is rewritten to v (T2T; the strategy's commits are M2T). Once the block has no masks, edit-only steps continue
+    until a step changes nothing (so the last commits are checked at least once) or ``max_post_edit_steps`` have
+    run (HF LLaDA2.1 ``generate``). ``edit_penalty`` subtracts that much from the
+    logit of the previous position's token (SGLang ``penalty_lambda``). Finished blocks are never edited, so the
+    cache stays exact. ``edits`` in the output counts the rewritten tokens.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"prompt_ids must be (B, P) with P >= 1, got shape {tuple(prompt_ids.shape)}")
@@ -80,7 +91,7 @@ def block_diffusion_generate(
     written = 0  # the cache holds the final keys/values of positions [0, written)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     first, n_blocks = P // block_size, N // block_size
-    forwards = forward_tokens = committed = 0
+    forwards = forward_tokens = committed = edits = 0
     steps_per_block, trace, first_round, stopped = [], [], None, False
     start = time.perf_counter()
     for k in range(first, n_blocks):
@@ -90,8 +101,13 @@ def block_diffusion_generate(
         allowance = None
         if strategy.budget is not None:  # the forwards left, shared evenly by the blocks left
             allowance = max(1, -(-(strategy.budget - forwards) // (n_blocks - k)))
-        step = 0
-        while (masked := x[:, s:e] == mask_id).any():
+        # a block that starts with masks gets edit-only steps after its last commit; one already full is left alone
+        step, post, edited = 0, 0, bool((x[:, s:e] == mask_id).any())
+        fixed = torch.arange(s, e, device=device)[None] < P  # prompt positions of the block: never edited
+        while (masked := x[:, s:e] == mask_id).any() or (edit_threshold is not None and edited
+                                                          and post < max_post_edit_steps):
+            if not masked.any():
+                post += 1
             if cache is not None:
                 logits = model(x[:, written:e], attn_mask=causal[None, None, written:e, :e], kv_cache=cache,
                                cache_pos=written)[:, s - written:]
@@ -103,16 +119,28 @@ def block_diffusion_generate(
             forwards += 1
             logits = logits.float()
             logits[..., mask_id] = -torch.inf  # never propose the mask token itself
+            if edit_penalty:
+                prev = x[:, s - 1:e - 1] if s > 0 else torch.cat([x[:, :1], x[:, s:e - 1]], 1)
+                logits.scatter_add_(-1, prev[..., None], torch.full(prev[..., None].shape, -edit_penalty,
+                                                                     device=device))
             if logits_log is not None:
                 logits_log.append(logits.cpu())
             x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)  # (B, block)
             p_x0 = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
             confidence = torch.where(masked, strategy.score(p_x0, generator), -torch.inf)
             steps_left = strategy.steps - step if strategy.steps else (None if allowance is None else allowance - step)
-            commit = strategy.commit(confidence, masked.sum(1), step, steps_left) & masked
-            if not commit.any():
-                raise RuntimeError(f"{type(strategy).__name__} committed nothing at step {step} of block {k}")
-            x[:, s:e] = torch.where(commit, x0, x[:, s:e])
+            if masked.any():
+                commit = strategy.commit(confidence, masked.sum(1), step, steps_left) & masked
+                if not commit.any():
+                    raise RuntimeError(f"{type(strategy).__name__} committed nothing at step {step} of block {k}")
+            else:
+                commit = torch.zeros_like(masked)
+            edit = torch.zeros_like(masked)
+            if edit_threshold is not None:
+                edit = ~masked & ~fixed & (x0 != x[:, s:e]) & (p_x0 > edit_threshold)
+                edits += int(edit.sum())
+            edited = bool(edit.any() or commit.any())  # new tokens: check them once more
+            x[:, s:e] = torch.where(commit | edit, x0, x[:, s:e])
             committed += int(commit.sum())
             if eos_id is not None:
                 _finish_rows(x[:, P:], mask_id, eos_id)
@@ -129,4 +157,4 @@ def block_diffusion_generate(
     sync()
     return DiffusionOutput(tokens=x, generated=x[:, P:], forwards=forwards, steps_per_block=steps_per_block,
                            forward_tokens=forward_tokens, committed=committed, first_round_seconds=first_round or 0.0,
-                           seconds=time.perf_counter() - start, trace=trace, stopped_early=stopped)
+                           seconds=time.perf_counter() - start, trace=trace, stopped_early=stopped, edits=edits)

@@ -181,6 +181,7 @@ class DiffusionOutput:
     seconds: float  # wall time of the whole generation
     trace: list[torch.Tensor] = field(default_factory=list)
     stopped_early: bool = False  # an ``on_step`` callback asked to stop
+    edits: int = 0  # committed tokens rewritten by token editing (block diffusion, LLaDA 2.1)
 
     @property
     def tokens_per_forward(self) -> float:
