@@ -280,8 +280,6 @@ def _eval_generate(args) -> None:
     parser.add_argument("--output", default=None, help="JSON file for the full results")
     parser.add_argument("--markdown", default=None, help="markdown file for the table (+ per-phenomenon tables)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    args = parser.parse_args(argv)
-    try:
     gen = parser.add_argument_group("generation quality vs speed (--generate)")
     gen.add_argument("--generate", action="store_true",
                      help="instead of tasks: generate for --prompts with every decoder (--strategies) and sweep point "
@@ -299,12 +297,14 @@ def _eval_generate(args) -> None:
     gen.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate per prompt")
     gen.add_argument("--prefix_chars", type=int, default=120, help="length of pretraining-text prompts (characters)")
     gen.add_argument("--plot", default=None, help="PNG of quality against tokens/s (needs matplotlib)")
-        settings = EvalSettings(batch_size=args.batch_size, samples=args.samples, seed=args.seed, stride=args.stride)
+    args = parser.parse_args(argv)
     if args.generate:
         _eval_generate(args)
         return
     if not args.tasks:
         parser.error("give --tasks (or --generate --prompts P)")
+    try:
+        settings = EvalSettings(batch_size=args.batch_size, samples=args.samples, seed=args.seed, stride=args.stride)
         tasks = []
         for spec in args.tasks:
             tasks.append(resolve_task(spec, args.data_root, args.limit, args.text_split))
