@@ -55,6 +55,9 @@ class GenerationSettings:
         max_post_edit_steps: Block diffusion editing: edit-only steps allowed after a block has no masks left.
         edit_penalty: Block diffusion editing: subtract this from the logit of the previous position's token
             (SGLang's ``penalty_lambda``, against n-gram stutter; 0 = off).
+        cfg_scale: Diffusion decoders: classifier-free guidance weight w (LLaDA): logits un + (w + 1) (cond - un),
+            the unconditional pass being the canvas with the prompt masked, batched into the same forward (twice
+            the compute per step); 0 = off. Best with a model SFT-trained with ``prompt_dropout``.
     """
 
     max_new_tokens: int = 128
@@ -76,6 +79,7 @@ class GenerationSettings:
     edit_threshold: float = 0.9
     max_post_edit_steps: int = 16
     edit_penalty: float = 0.0
+    cfg_scale: float = 0.0
 
 
     def __post_init__(self) -> None:
@@ -110,6 +114,8 @@ class GenerationSettings:
             bad("max_post_edit_steps", self.max_post_edit_steps, ">= 0")
         if self.edit_penalty < 0:
             bad("edit_penalty", self.edit_penalty, ">= 0 (0 = off)")
+        if self.cfg_scale < 0:
+            bad("cfg_scale", self.cfg_scale, ">= 0 (0 = off)")
         if self.editing not in EDITING_PRESETS and self.editing not in ("off", "custom"):
             bad("editing", self.editing, f"off, custom or one of {sorted(EDITING_PRESETS)}")
 

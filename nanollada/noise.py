@@ -121,3 +121,15 @@ def apply_random_mask(input_ids: torch.Tensor, eligible: torch.Tensor, p_mask: t
     u = torch.rand(input_ids.shape, generator=generator, device=gen_device).to(input_ids.device)
     masked = (u < p_mask[:, None]) & eligible
     return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids), masked
+
+
+def drop_prompts(noisy: torch.Tensor, eligible: torch.Tensor, real: torch.Tensor, prob: float, mask_id: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Prompt dropout for classifier-free guidance: with probability ``prob`` per row, every real non-eligible
+    token (the SFT prompt) becomes ``mask_id``; noisy/eligible/real (B, T) -> (B, T). Those positions are never
+    loss targets, so the row teaches the unconditional distribution p(answer | no prompt)."""
+    if prob <= 0:
+        return noisy
+    gen_device = "cpu" if generator is None else generator.device
+    drop = torch.rand(noisy.shape[0], generator=generator, device=gen_device).to(noisy.device) < prob
+    return torch.where(drop[:, None] & ~eligible & real, torch.full_like(noisy, mask_id), noisy)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from nanollada.data.collate import DiffusionCollate
 from nanollada.evaluation.block_likelihood import block_diffusion_elbo, block_diffusion_logits, pad_to_blocks
 from nanollada.lm.base import LanguageModel
-from nanollada.noise import IIDTime, MaskRatioSampler, mask_probability
+from nanollada.noise import IIDTime, MaskRatioSampler, drop_prompts, mask_probability
 
 
 class BlockSizeSchedule:
@@ -126,6 +126,9 @@ class BlockDiffusionLM(LanguageModel):
         self_corrupt: Corrupt with the model's own predictions instead of uniform noise (the report's "multi-turn
             forward"): one extra no-grad forward predicts the chosen positions as if masked and those predictions
             replace them, so the model learns to repair its own kind of mistakes.
+        prompt_dropout: SFT: probability that a row's prompt is replaced by mask tokens (never a loss target), so
+            the model also learns the unconditional distribution that classifier-free guidance (``cfg_scale``)
+            needs. 0 = off (default).
         **kwargs: Backbone, optimizer and schedule arguments of ``LanguageModel``.
     """
 
@@ -138,7 +141,7 @@ class BlockDiffusionLM(LanguageModel):
                  complementary_masking: bool = False, cap_lambda: float = 0.0, val_samples: int = 4,
                  val_seed: int = 1234, embed_noise_std: float = 0.0, embed_noise_steps: int = 0, noise_seed: int = 0,
                  edit_rate: float = 0.0, edit_warmup_steps: int = 0, t2t_weight: float = 1.0,
-                 self_corrupt: bool = False, **kwargs):
+                 self_corrupt: bool = False, prompt_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -146,6 +149,8 @@ class BlockDiffusionLM(LanguageModel):
             raise ValueError(f"cap_lambda must be >= 0, got {cap_lambda}")
         if val_samples < 1:
             raise ValueError(f"val_samples must be >= 1, got {val_samples}")
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         if not 0.0 <= edit_rate < 1.0 or t2t_weight < 0 or edit_warmup_steps < 0:
             raise ValueError(f"need 0 <= edit_rate < 1, t2t_weight >= 0, edit_warmup_steps >= 0; got {edit_rate}, "
                              f"{t2t_weight}, {edit_warmup_steps}")
@@ -224,6 +229,7 @@ class BlockDiffusionLM(LanguageModel):
             eligible = torch.cat([eligible, eligible.new_ones((B, extra))], 1)
             docs = torch.cat([docs, docs[:, -1:].expand(B, extra)], 1)
         noisy, masked, p_mask = self.noise(ids, eligible, block, g)
+        noisy = drop_prompts(noisy, eligible, docs >= 0, h.prompt_dropout, self.mask_id, g)  # for cfg_scale
         t2t = None
         if h.edit_rate > 0:
             noisy, t2t = self.corrupt(noisy, ids, masked, eligible, docs, block, g)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from nanollada.data.collate import DiffusionCollate
 from nanollada.evaluation.likelihood import diffusion_elbo
 from nanollada.lm.base import LanguageModel
-from nanollada.noise import IIDTime, MaskRatioSampler, apply_random_mask, mask_probability
+from nanollada.noise import IIDTime, MaskRatioSampler, apply_random_mask, drop_prompts, mask_probability
 
 
 def masked_diffusion_loss(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, eligible: torch.Tensor,
@@ -76,6 +76,9 @@ class MaskedDiffusionLM(LanguageModel):
             the eligible tokens are such padding, which pushes the sampler towards committing eos early). Below 1
             is a deviation from LLaDA: the first eos (where to stop) keeps full weight, the rest counts less
             (0 = not learnt). Validation (``val/nll``) stays the unweighted ELBO.
+        prompt_dropout: SFT: probability that a row's prompt is replaced by mask tokens (never a loss target), so
+            the model also learns the unconditional distribution that classifier-free guidance (``cfg_scale``)
+            needs. 0 = off (default).
         **kwargs: Backbone, optimizer and schedule arguments of ``LanguageModel``.
     """
 
@@ -85,10 +88,13 @@ class MaskedDiffusionLM(LanguageModel):
 
     def __init__(self, mask_ratio: MaskRatioSampler | None = None, random_length_prob: float = 0.01,
                  val_samples: int = 4, val_seed: int = 1234, embed_noise_std: float = 0.0,
-                 embed_noise_steps: int = 0, noise_seed: int = 0, eos_pad_weight: float = 1.0, **kwargs):
+                 embed_noise_steps: int = 0, noise_seed: int = 0, eos_pad_weight: float = 1.0,
+                 prompt_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= random_length_prob <= 1.0:
             raise ValueError(f"random_length_prob must be in [0, 1], got {random_length_prob}")
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         if not 0.0 <= eos_pad_weight <= 1.0:
             raise ValueError(f"eos_pad_weight must be in [0, 1], got {eos_pad_weight}")
         if val_samples < 1:
@@ -115,6 +121,8 @@ class MaskedDiffusionLM(LanguageModel):
         t = self.mask_ratio(ids.shape[0], step, g, self.device)
         p_mask = mask_probability(t)
         noisy, masked = apply_random_mask(ids, eligible, p_mask, self.mask_id, g)
+        real = batch["doc_ids"][:, : ids.shape[1]] >= 0
+        noisy = drop_prompts(noisy, eligible, real, h.prompt_dropout, self.mask_id, g)  # for cfg_scale
         embeds = None
         if h.embed_noise_std > 0 and step < h.embed_noise_steps:
             embeds = self.model.embed(noisy)

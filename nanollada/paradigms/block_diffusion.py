@@ -98,7 +98,8 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
                                        record_trace=record_trace, on_step=step_cb,
                                        edit_threshold=editing[1] if editing else None,
                                        max_post_edit_steps=settings.max_post_edit_steps,
-                                       edit_penalty=settings.edit_penalty if editing else 0.0)
+                                       edit_penalty=settings.edit_penalty if editing else 0.0,
+                                       cfg_scale=settings.cfg_scale)
         extra = {"steps_per_block": out.steps_per_block, "block_length": block}
         if editing:
             extra.update(editing=settings.editing, edits=out.edits, tau_mask=editing[0], tau_edit=editing[1])

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from nanollada.model import KVCache, block_causal_mask
-from nanollada.sampling.diffusion import DiffusionOutput, Strategy, _finish_rows, add_gumbel_noise
+from nanollada.sampling.diffusion import DiffusionOutput, Strategy, _finish_rows, add_gumbel_noise, guided_forward
 
 
 def canvas_length(prompt_len: int, max_new_tokens: int, block_size: int, max_seq_len: int) -> int:
@@ -62,6 +62,7 @@ def block_diffusion_generate(
     edit_threshold: float | None = None,
     max_post_edit_steps: int = 16,
     edit_penalty: float = 0.0,
+    cfg_scale: float = 0.0,
 ) -> DiffusionOutput:
     """Fill ``gen_length`` masks after prompt_ids (B, P) long (equal-length prompts), block by block.
 
@@ -77,6 +78,9 @@ def block_diffusion_generate(
     run (HF LLaDA2.1 ``generate``). ``edit_penalty`` subtracts that much from the
     logit of the previous position's token (SGLang ``penalty_lambda``). Finished blocks are never edited, so the
     cache stays exact. ``edits`` in the output counts the rewritten tokens.
+
+    ``cfg_scale`` > 0: classifier-free guidance (``sampling.diffusion.guided_forward``): the prompt-masked canvas
+    runs in the same batch (and the same, doubled, cache).
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"prompt_ids must be (B, P) with P >= 1, got shape {tuple(prompt_ids.shape)}")
@@ -87,7 +91,8 @@ def block_diffusion_generate(
                          f"{block_size}")
     x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], dim=1)
     causal = block_causal_mask(N, block_size, device)
-    cache = KVCache(model.cfg, B, N, device=device, dtype=next(model.parameters()).dtype) if use_cache else None
+    cache = (KVCache(model.cfg, B * (2 if cfg_scale else 1), N, device=device, dtype=next(model.parameters()).dtype)
+             if use_cache else None)
     written = 0  # the cache holds the final keys/values of positions [0, written)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     first, n_blocks = P // block_size, N // block_size
@@ -109,12 +114,14 @@ def block_diffusion_generate(
             if not masked.any():
                 post += 1
             if cache is not None:
-                logits = model(x[:, written:e], attn_mask=causal[None, None, written:e, :e], kv_cache=cache,
-                               cache_pos=written)[:, s - written:]
+                logits = guided_forward(model, x[:, written:e], written, P, mask_id, cfg_scale,
+                                        attn_mask=causal[None, None, written:e, :e], kv_cache=cache,
+                                        cache_pos=written)[:, s - written:]
                 forward_tokens += B * (e - written)
                 written = s  # [written, s) were finished blocks: their keys/values are final now
             else:
-                logits = model(x[:, :e], attn_mask=causal[None, None, :e, :e])[:, s:e]
+                logits = guided_forward(model, x[:, :e], 0, P, mask_id, cfg_scale,
+                                        attn_mask=causal[None, None, :e, :e])[:, s:e]
                 forward_tokens += B * e
             forwards += 1
             logits = logits.float()

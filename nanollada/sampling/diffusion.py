@@ -188,6 +188,23 @@ class DiffusionOutput:
         return self.committed / max(1, self.forwards * self.generated.shape[0])
 
 
+def guided_forward(model, x: torch.Tensor, start: int, prompt_len: int, mask_id: int, cfg_scale: float,
+                   attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Logits (B, T, V) of ``model`` on the canvas slice x (B, T) that begins at absolute position ``start``, with
+    classifier-free guidance (LLaDA ``generate.py``) when ``cfg_scale`` > 0: the unconditional rows are the same
+    slice with every prompt position (< ``prompt_len``) replaced by the mask token, batched with the conditional
+    rows into one forward (attention masks with a batch dimension are repeated, a KV cache must have 2B rows), and
+    the logits are ``un + (cfg_scale + 1) * (cond - un)``. cfg_scale 0 is one plain forward."""
+    if not cfg_scale:
+        return model(x, attn_mask=attn_mask, **kwargs)
+    un = x.clone()
+    un[:, : max(0, prompt_len - start)] = mask_id
+    if attn_mask is not None and attn_mask.shape[0] > 1:
+        attn_mask = attn_mask.repeat(2, *([1] * (attn_mask.dim() - 1)))
+    cond, unc = model(torch.cat([x, un]), attn_mask=attn_mask, **kwargs).float().chunk(2)
+    return unc + (cfg_scale + 1) * (cond - unc)
+
+
 def _finish_rows(gen: torch.Tensor, mask_id: int, eos_id: int) -> None:
     """In place on gen (B, G): a row whose first eos has no mask before it is finished; everything after that eos
     becomes eos (LLaDA's SFT answers are padded with eos, so a committed eos ends the answer)."""
@@ -214,6 +231,7 @@ def diffusion_generate(
     attend_future_blocks: bool | None = None,
     record_trace: bool = False,
     on_step: Callable[[torch.Tensor], bool | None] | None = None,
+    cfg_scale: float = 0.0,
 ) -> DiffusionOutput:
     """Fill gen_length masks after prompt_ids (B, P) long, block by block, as LLaDA ``generate.py`` does.
 
@@ -229,6 +247,8 @@ def diffusion_generate(
         row's first eos are eos. Reproducible given ``generator`` (Gumbel noise, random remasking).
     on_step: called after every step with the generated region (B, G) (masks included); a true return value stops
         generation at once (a streaming client went away). ``stopped_early`` then says so.
+    cfg_scale: classifier-free guidance weight w (``guided_forward``; 0 = off): each forward also runs the canvas
+        with the prompt masked, in the same batch, and mixes the logits ``un + (w + 1) (cond - un)``.
     """
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
@@ -248,7 +268,8 @@ def diffusion_generate(
         keys_ok = torch.cat([prompt_mask.bool(), gen_ok], 1)[:, None, None]
     cache = None
     if use_prefix_cache:
-        cache = KVCache(model.cfg, B, x.shape[1], device=device, dtype=next(model.parameters()).dtype)
+        cache = KVCache(model.cfg, B * (2 if cfg_scale else 1), x.shape[1], device=device,
+                        dtype=next(model.parameters()).dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     forwards = forward_tokens = committed = 0
     steps_per_block, trace, first_round = [], [], None
@@ -265,12 +286,13 @@ def diffusion_generate(
         while (masked := x[:, s:e] == mask_id).any():
             if cache is not None:
                 inp, pos = (x[:, :e], 0) if step == 0 else (x[:, s:e], s)
-                logits = model(inp, attn_mask=None if keys_ok is None else keys_ok[..., :e], kv_cache=cache,
-                               cache_pos=pos)[:, s - pos:]
+                logits = guided_forward(model, inp, pos, P, mask_id, cfg_scale,
+                                        attn_mask=None if keys_ok is None else keys_ok[..., :e], kv_cache=cache,
+                                        cache_pos=pos)[:, s - pos:]
             else:
                 inp = x if attend_future else x[:, :e]
                 mask = None if keys_ok is None else keys_ok[..., : inp.shape[1]]
-                logits = model(inp, attn_mask=mask)[:, s:e]
+                logits = guided_forward(model, inp, 0, P, mask_id, cfg_scale, attn_mask=mask)[:, s:e]
             forwards, forward_tokens = forwards + 1, forward_tokens + inp.numel()
             logits[..., mask_id] = -torch.inf  # never propose the mask token itself
             x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)  # (B, L)
