@@ -49,6 +49,13 @@ class TokenThroughputMonitor(ThroughputMonitor):
         self.kwargs["window_size"] = self.window_size or max(2, trainer.log_every_n_steps)
         super().setup(trainer, pl_module, stage)
 
+    # Prediction batches hold prompts, not token tensors; ``predict`` reports tokens/s with every answer.
+    def on_predict_start(self, *args, **kwargs) -> None:
+        pass
+
+    def on_predict_batch_end(self, *args, **kwargs) -> None:
+        pass
+
     # predict batches are prompts, not token rows: generation reports its own tokens/s per answer
     def on_predict_start(self, trainer, pl_module) -> None:
         pass

@@ -138,3 +138,14 @@ def test_bf16_mixed_on_cpu(data_dir, paradigm):
     assert b[0] == pytest.approx(a[0], rel=2e-2)  # same weights and batch at step 0: bf16 rounding only
     assert math.isfinite(float(trainer.callback_metrics["val/nll"]))
     assert all(p.dtype == torch.float32 for p in bf16.parameters())
+
+
+def test_token_throughput_monitor_counts_rows_and_tokens_and_skips_prediction():
+    from nanollada.callbacks import TokenThroughputMonitor, batch_rows, batch_tokens
+    batch = {"input_ids": torch.zeros(3, 17, dtype=torch.long)}
+    assert (batch_rows(batch), batch_tokens(batch)) == (3, 51)
+    cb = TokenThroughputMonitor()
+    cb.on_predict_start(None, None)
+    cb.on_predict_batch_end(None, None, [], {"index": [0], "prompt": ["x"]}, 0)  # prompts, no tokens: not counted
+    with pytest.raises(ValueError, match="window_size"):
+        TokenThroughputMonitor(window_size=1)
