@@ -33,7 +33,7 @@ def rel(p: Path) -> str:
 
 # Every config, by directory: the chain of stages each set holds (a new config must be added here).
 CHAIN = ["ar_pretrain", "diffusion_pretrain", "block_diffusion_pretrain", "diffusion_from_ar", "block_diffusion_from_ar",
-         "ar_sft", "diffusion_sft", "block_diffusion_sft"]
+         "block_diffusion_editing_cpt", "ar_sft", "diffusion_sft", "block_diffusion_sft", "block_diffusion_editing_sft"]
 REAL_CHAIN = [s for s in CHAIN if not s.endswith("diffusion_pretrain")]
 EXPECTED_CONFIGS = sorted([f"{s}.yaml" for s in CHAIN] + [f"tiny/{s}.yaml" for s in CHAIN]
                           + [f"real/{s}.yaml" for s in REAL_CHAIN] + [f"real/cpu/{s}.yaml" for s in REAL_CHAIN]
