@@ -2,6 +2,7 @@
 """The whole nanollada recipe in one resumable command (in the spirit of nanochat's speedrun).
 
     tokenizer -> prepare -> ar_pretrain -> diffusion_from_ar -> ar_sft -> diffusion_sft
+              -> block_diffusion_from_ar -> block_diffusion_sft          (AR -> masked and AR -> block diffusion)
               -> validate -> compare -> eval -> results (logs/<run>/results.md)
 
     python scripts/pipeline.py --profile cpu            # small preset on the real zh+en data, ~1 hour on 2 cores
@@ -46,9 +47,12 @@ if str(REPO) not in sys.path:
 
 import yaml  # noqa: E402
 
-TRAIN_STAGES = ("ar_pretrain", "diffusion_from_ar", "ar_sft", "diffusion_sft")
+TRAIN_STAGES = ("ar_pretrain", "diffusion_from_ar", "ar_sft", "diffusion_sft", "block_diffusion_from_ar",
+                "block_diffusion_sft")
 INIT_FROM = {"ar_pretrain": None, "diffusion_from_ar": "ar_pretrain", "ar_sft": "ar_pretrain",
-             "diffusion_sft": "diffusion_from_ar"}
+             "diffusion_sft": "diffusion_from_ar", "block_diffusion_from_ar": "ar_pretrain",
+             "block_diffusion_sft": "block_diffusion_from_ar"}
+SFT_STAGES = ("ar_sft", "diffusion_sft", "block_diffusion_sft")  # compared side by side
 STAGES = ("tokenizer", "prepare", *TRAIN_STAGES, "validate", "compare", "eval", "results")
 
 PROMPTS_EN = ["Give three tips for staying healthy.", "Explain why the sky is blue.",
@@ -327,8 +331,8 @@ class Pipeline:
 
     def stage_compare(self) -> dict:
         d = self.stage_dir("compare")
-        cmd = self.nanollada("compare", "--ar", str(self.final_ckpt("ar_sft")), "--diffusion",
-                             str(self.final_ckpt("diffusion_sft")), "--output", str(d / "compare.json"),
+        ckpts = ", ".join(str(self.final_ckpt(s)) for s in SFT_STAGES)
+        cmd = self.nanollada("compare", "--ckpt", f"[{ckpts}]", "--output", str(d / "compare.json"),
                              *self.profile["compare"])
         for p in self.profile["prompts"]:
             cmd += ["--prompt", p]

@@ -13,7 +13,8 @@ import yaml
 from conftest import CONFIGS, REPO, cli_env
 
 PIPELINE = REPO / "scripts" / "pipeline.py"
-STAGES = ("ar_pretrain", "diffusion_from_ar", "ar_sft", "diffusion_sft")
+STAGES = ("ar_pretrain", "diffusion_from_ar", "ar_sft", "diffusion_sft", "block_diffusion_from_ar",
+          "block_diffusion_sft")
 REAL = {"gpu": (CONFIGS / "real", "real", "base", "bf16-mixed"),
         "cpu": (CONFIGS / "real" / "cpu", "real_cpu", "small", "32-true")}
 
@@ -30,12 +31,15 @@ def load_pipeline():
 def test_real_configs(profile):
     directory, run, preset, precision = REAL[profile]
     init = {"ar_pretrain": None, "diffusion_from_ar": "ar_pretrain", "ar_sft": "ar_pretrain",
-            "diffusion_sft": "diffusion_from_ar"}
+            "diffusion_sft": "diffusion_from_ar", "block_diffusion_from_ar": "ar_pretrain",
+            "block_diffusion_sft": "block_diffusion_from_ar"}
     for stage in STAGES:
         cfg = yaml.safe_load((directory / f"{stage}.yaml").read_text())
         tr, model, data = cfg["trainer"], cfg["model"], cfg["data"]
         assert tr["precision"] == precision and model["init_args"]["preset"] == preset
-        assert model["class_path"].endswith("MaskedDiffusionLM" if stage.startswith("diffusion") else "ARLM")
+        expected_class = ("MaskedDiffusionLM" if stage.startswith("diffusion") else "BlockDiffusionLM"
+                          if stage.startswith("block_diffusion") else "ARLM")
+        assert model["class_path"].endswith(expected_class)
         assert tr["logger"]["init_args"] == {"save_dir": f"logs/{run}", "name": stage}
         ckpt = next(cb for cb in tr["callbacks"] if cb["class_path"].endswith("ModelCheckpoint"))["init_args"]
         assert ckpt["dirpath"] == f"logs/{run}/{stage}/checkpoints" and ckpt["save_last"]
