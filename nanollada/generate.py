@@ -55,6 +55,10 @@ class GenerationSettings:
         max_post_edit_steps: Block diffusion editing: edit-only steps allowed after a block has no masks left.
         edit_penalty: Block diffusion editing: subtract this from the logit of the previous position's token
             (SGLang's ``penalty_lambda``, against n-gram stutter; 0 = off).
+        min_new_tokens: Diffusion decoders: no eos / ``<|im_end|>`` in the first this many answer positions (LLaDA's
+            ``logits_eos_inf``; 0 = off).
+        eos_after_text: Diffusion decoders: commit eos / ``<|im_end|>`` only once every earlier answer position is
+            filled (LLaDA's ``confidence_eos_eot_inf``), against answers that end before they start.
         cfg_scale: Diffusion decoders: classifier-free guidance weight w (LLaDA): logits un + (w + 1) (cond - un),
             the unconditional pass being the canvas with the prompt masked, batched into the same forward (twice
             the compute per step); 0 = off. Best with a model SFT-trained with ``prompt_dropout``.
@@ -80,6 +84,8 @@ class GenerationSettings:
     max_post_edit_steps: int = 16
     edit_penalty: float = 0.0
     cfg_scale: float = 0.0
+    min_new_tokens: int = 0
+    eos_after_text: bool = False
 
 
     def __post_init__(self) -> None:
@@ -116,6 +122,8 @@ class GenerationSettings:
             bad("edit_penalty", self.edit_penalty, ">= 0 (0 = off)")
         if self.cfg_scale < 0:
             bad("cfg_scale", self.cfg_scale, ">= 0 (0 = off)")
+        if self.min_new_tokens < 0:
+            bad("min_new_tokens", self.min_new_tokens, ">= 0 (0 = off)")
         if self.editing not in EDITING_PRESETS and self.editing not in ("off", "custom"):
             bad("editing", self.editing, f"off, custom or one of {sorted(EDITING_PRESETS)}")
 

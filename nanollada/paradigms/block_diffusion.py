@@ -99,7 +99,9 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
                                        edit_threshold=editing[1] if editing else None,
                                        max_post_edit_steps=settings.max_post_edit_steps,
                                        edit_penalty=settings.edit_penalty if editing else 0.0,
-                                       cfg_scale=settings.cfg_scale)
+                                       cfg_scale=settings.cfg_scale, end_ids=(tok.im_end_id,),
+                                       min_new_tokens=settings.min_new_tokens,
+                                       eos_after_text=settings.eos_after_text)
         extra = {"steps_per_block": out.steps_per_block, "block_length": block}
         if editing:
             extra.update(editing=settings.editing, edits=out.edits, tau_mask=editing[0], tau_edit=editing[1])

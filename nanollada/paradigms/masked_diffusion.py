@@ -129,7 +129,9 @@ class MaskedDiffusionParadigm(Paradigm):
                                  block_length=block, strategy=build_strategy(settings.strategy, settings, block),
                                  mask_id=tok.mask_id, eos_id=tok.eos_id, temperature=settings.temperature,
                                  generator=g, use_prefix_cache=settings.use_prefix_cache,
-                                 record_trace=record_trace, on_step=step_cb, cfg_scale=settings.cfg_scale)
+                                 record_trace=record_trace, on_step=step_cb, cfg_scale=settings.cfg_scale,
+                                 end_ids=(tok.im_end_id,), min_new_tokens=settings.min_new_tokens,
+                                 eos_after_text=settings.eos_after_text)
         return Generation(tokens=self.cut_at_stop(out.generated[0].tolist()), produced=gen_length,
                           forwards=out.forwards, first_token_seconds=out.first_round_seconds, seconds=out.seconds,
                           extra={"steps_per_block": out.steps_per_block, "block_length": block},

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from nanollada.model import KVCache, block_causal_mask
-from nanollada.sampling.diffusion import DiffusionOutput, Strategy, _finish_rows, add_gumbel_noise, guided_forward
+from nanollada.sampling.diffusion import (DiffusionOutput, Strategy, _finish_rows, add_gumbel_noise, ban_early_stops,
+                                          defer_stops, guided_forward)
 
 
 def canvas_length(prompt_len: int, max_new_tokens: int, block_size: int, max_seq_len: int) -> int:
@@ -63,6 +64,9 @@ def block_diffusion_generate(
     max_post_edit_steps: int = 16,
     edit_penalty: float = 0.0,
     cfg_scale: float = 0.0,
+    end_ids: tuple[int, ...] = (),
+    min_new_tokens: int = 0,
+    eos_after_text: bool = False,
 ) -> DiffusionOutput:
     """Fill ``gen_length`` masks after prompt_ids (B, P) long (equal-length prompts), block by block.
 
@@ -80,7 +84,8 @@ def block_diffusion_generate(
     cache stays exact. ``edits`` in the output counts the rewritten tokens.
 
     ``cfg_scale`` > 0: classifier-free guidance (``sampling.diffusion.guided_forward``): the prompt-masked canvas
-    runs in the same batch (and the same, doubled, cache).
+    runs in the same batch (and the same, doubled, cache). ``end_ids``, ``min_new_tokens``, ``eos_after_text``: as
+    in ``sampling.diffusion.diffusion_generate``.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"prompt_ids must be (B, P) with P >= 1, got shape {tuple(prompt_ids.shape)}")
@@ -98,6 +103,7 @@ def block_diffusion_generate(
     first, n_blocks = P // block_size, N // block_size
     forwards = forward_tokens = committed = edits = 0
     steps_per_block, trace, first_round, stopped = [], [], None, False
+    stops = tuple(t for t in (eos_id, *end_ids) if t is not None)
     start = time.perf_counter()
     for k in range(first, n_blocks):
         if stopped:
@@ -126,6 +132,7 @@ def block_diffusion_generate(
             forwards += 1
             logits = logits.float()
             logits[..., mask_id] = -torch.inf  # never propose the mask token itself
+            ban_early_stops(logits, s, P, stops, min_new_tokens)
             if edit_penalty:
                 prev = x[:, s - 1:e - 1] if s > 0 else torch.cat([x[:, :1], x[:, s:e - 1]], 1)
                 logits.scatter_add_(-1, prev[..., None], torch.full(prev[..., None].shape, -edit_penalty,
@@ -135,6 +142,8 @@ def block_diffusion_generate(
             x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)  # (B, block)
             p_x0 = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
             confidence = torch.where(masked, strategy.score(p_x0, generator), -torch.inf)
+            if eos_after_text:
+                confidence = defer_stops(x0, confidence, x[:, P:], s, P, mask_id, stops)
             steps_left = strategy.steps - step if strategy.steps else (None if allowance is None else allowance - step)
             if masked.any():
                 commit = strategy.commit(confidence, masked.sum(1), step, steps_left) & masked
@@ -150,7 +159,7 @@ def block_diffusion_generate(
             x[:, s:e] = torch.where(commit | edit, x0, x[:, s:e])
             committed += int(commit.sum())
             if eos_id is not None:
-                _finish_rows(x[:, P:], mask_id, eos_id)
+                _finish_rows(x[:, P:], mask_id, eos_id, end_ids)
             step += 1
             if first_round is None:
                 sync()

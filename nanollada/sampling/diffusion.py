@@ -205,13 +205,48 @@ def guided_forward(model, x: torch.Tensor, start: int, prompt_len: int, mask_id:
     return unc + (cfg_scale + 1) * (cond - unc)
 
 
-def _finish_rows(gen: torch.Tensor, mask_id: int, eos_id: int) -> None:
-    """In place on gen (B, G): a row whose first eos has no mask before it is finished; everything after that eos
-    becomes eos (LLaDA's SFT answers are padded with eos, so a committed eos ends the answer)."""
+def _finish_rows(gen: torch.Tensor, mask_id: int, eos_id: int, end_ids: tuple[int, ...] = ()) -> None:
+    """In place on gen (B, G): a row whose first stop token (eos, or one of ``end_ids`` such as ``<|im_end|>``) has
+    no mask before it is finished; everything after that token becomes eos (LLaDA's SFT answers end with
+    ``<|im_end|>`` and are padded with eos, so either ends the answer)."""
     eos = gen == eos_id
-    after = eos.cumsum(1) > 0  # at or after the first eos
+    for t in end_ids:
+        eos = eos | (gen == t)
+    after = eos.cumsum(1) > 0  # at or after the first stop
     done = eos.any(1) & ~((gen == mask_id) & ~after).any(1)
     gen.masked_fill_(done[:, None] & after, eos_id)
+
+
+def defer_stops(x0: torch.Tensor, confidence: torch.Tensor, generated: torch.Tensor, start: int, prompt_len: int,
+                mask_id: int, stops: tuple[int, ...]) -> torch.Tensor:
+    """LLaDA's ``confidence_eos_eot_inf`` (its ``generate.py``), for the block [start, start + L) of the canvas: a
+    stop candidate (x0 (B, L) in ``stops``) with a masked answer position before it gets a confidence below every
+    probability -- finite, so a step whose only candidates are stops still commits one. eos and ``<|im_end|>`` are
+    then committed after the text they end. generated: the answer region (B, G), masks included. Returns (B, L)."""
+    if stops:
+        is_stop = torch.zeros_like(x0, dtype=torch.bool)
+        for t in stops:
+            is_stop |= x0 == t
+        m = (generated == mask_id).long()
+        before = (m.cumsum(1) - m) > 0  # (B, G): some earlier answer position is masked
+        a = start - prompt_len
+        lo = max(a, 0)
+        block_before = torch.zeros_like(is_stop)
+        block_before[:, lo - a:] = before[:, lo:a + x0.shape[1]]
+        confidence = torch.where(is_stop & block_before & torch.isfinite(confidence), confidence - 2.0, confidence)
+    return confidence
+
+
+def ban_early_stops(logits: torch.Tensor, start: int, prompt_len: int, stops: tuple[int, ...],
+                    min_new_tokens: int) -> None:
+    """In place: stop tokens cannot be proposed at answer positions < ``min_new_tokens`` (logits (B, L, V) of the
+    block starting at canvas position ``start``)."""
+    if not min_new_tokens or not stops:
+        return
+    pos = torch.arange(start, start + logits.shape[1], device=logits.device) - prompt_len
+    early = (pos >= 0) & (pos < min_new_tokens)
+    for t in stops:
+        logits[:, early, t] = -torch.inf
 
 
 @torch.inference_mode()
@@ -232,6 +267,9 @@ def diffusion_generate(
     record_trace: bool = False,
     on_step: Callable[[torch.Tensor], bool | None] | None = None,
     cfg_scale: float = 0.0,
+    end_ids: tuple[int, ...] = (),
+    min_new_tokens: int = 0,
+    eos_after_text: bool = False,
 ) -> DiffusionOutput:
     """Fill gen_length masks after prompt_ids (B, P) long, block by block, as LLaDA ``generate.py`` does.
 
@@ -249,6 +287,10 @@ def diffusion_generate(
         generation at once (a streaming client went away). ``stopped_early`` then says so.
     cfg_scale: classifier-free guidance weight w (``guided_forward``; 0 = off): each forward also runs the canvas
         with the prompt masked, in the same batch, and mixes the logits ``un + (w + 1) (cond - un)``.
+    end_ids: further stop tokens beside eos (``<|im_end|>`` for chat answers): they end a row like eos does.
+    min_new_tokens / eos_after_text: LLaDA's remedies against answers that end at once (``ban_early_stops``,
+        ``defer_stops``): no stop token in the first ``min_new_tokens`` answer positions; stop tokens committed
+        only after every earlier answer position.
     """
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
@@ -273,6 +315,7 @@ def diffusion_generate(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     forwards = forward_tokens = committed = 0
     steps_per_block, trace, first_round = [], [], None
+    stops = tuple(t for t in (eos_id, *end_ids) if t is not None)
     start = time.perf_counter()
     stopped_early = False
     for b in range(n_blocks):
@@ -295,9 +338,12 @@ def diffusion_generate(
                 logits = guided_forward(model, inp, 0, P, mask_id, cfg_scale, attn_mask=mask)[:, s:e]
             forwards, forward_tokens = forwards + 1, forward_tokens + inp.numel()
             logits[..., mask_id] = -torch.inf  # never propose the mask token itself
+            ban_early_stops(logits, s, P, stops, min_new_tokens)
             x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)  # (B, L)
             p_x0 = F.softmax(logits.float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
             confidence = torch.where(masked, strategy.score(p_x0, generator), -torch.inf)
+            if eos_after_text:
+                confidence = defer_stops(x0, confidence, x[:, P:], s, P, mask_id, stops)
             steps_left = strategy.steps - step if strategy.steps else (None if allowance is None else allowance - step)
             commit = strategy.commit(confidence, masked.sum(1), step, steps_left) & masked
             if not commit.any():
@@ -305,7 +351,7 @@ def diffusion_generate(
             x[:, s:e] = torch.where(commit, x0, x[:, s:e])
             committed += int(commit.sum())
             if eos_id is not None:
-                _finish_rows(x[:, P:], mask_id, eos_id)
+                _finish_rows(x[:, P:], mask_id, eos_id, end_ids)
             step += 1
             if first_round is None:
                 sync()
