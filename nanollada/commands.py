@@ -198,8 +198,6 @@ def export_command(argv: list[str]) -> None:
 COMMANDS["export"] = export_command
 
 
-def eval_command(argv: list[str]) -> None:
-    """score checkpoints on perplexity, minimal-pair, choice, cloze and raw-text tasks, or --generate quality/speed"""
 def _eval_generate(args) -> None:
     """``nanollada eval --generate``: generation quality against speed (``evaluation.generation``)."""
     import json
@@ -242,6 +240,8 @@ def _eval_generate(args) -> None:
         print(f"wrote {args.plot}", file=sys.stderr)
 
 
+def eval_command(argv: list[str]) -> None:
+    """score checkpoints on perplexity, minimal-pair, choice, cloze and raw-text tasks, or --generate quality/speed"""
     import json
     import sys
 
