@@ -164,3 +164,28 @@ def test_nonfinite_skip_is_refused_on_several_devices(validated):
     r = validated["skip"]
     assert r.returncode != 0
     assert "nonfinite_loss: skip is not supported with several devices" in r.stderr, r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------- predict
+def test_two_process_predict_writes_every_prompt_once_in_order(runs):
+    """`nanollada predict --config` on 2 gloo processes: each rank decodes its share (prompts r, r + 2, ...), the
+    writer merges the ranks' parts by prompt index; the records equal the single-process run's."""
+    work, ckpt = runs["work"], runs["single"] / "checkpoints" / "last.ckpt"
+    prompts = work / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(7)), encoding="utf-8")
+    procs, outs = {}, {}
+    for n, d in (("pred1", 1), ("pred2", 2)):
+        cfg = fit_config(work / n, name=n, base=DDP_CONFIG, cache_dir=runs["cache"], model=MODEL,
+                         trainer={**TRAINER, "devices": d, **({} if d > 1 else {"strategy": "auto"})},
+                         data={**DATA_ARGS, "batch_size": 2})
+        outs[n] = work / n / "out.jsonl"
+        procs[n] = start_cli(["predict", "--config", cfg, "--ckpt_path", ckpt, "--data.predict_file", prompts,
+                              "--output", outs[n], "--generation.max_new_tokens", "6", "--generation.temperature",
+                              "0"], cwd=work / n)
+    for n, p in procs.items():
+        check_ok(finish(p, timeout=180), f"predict {n}")
+    import json
+    one, two = ([json.loads(line) for line in outs[n].read_text().splitlines()] for n in ("pred1", "pred2"))
+    assert [r["index"] for r in two] == list(range(7)) and [r["prompt"] for r in two] == [r["prompt"] for r in one]
+    assert [r["completion"] for r in two] == [r["completion"] for r in one]
+    assert not list((work / "pred2").glob(".out.jsonl*"))
