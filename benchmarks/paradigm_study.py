@@ -34,13 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["en-gutenberg", "en-shakespeare", "zh-modern", "zh-novels", "zh-poetry"]
 
 
-def fit(name: str, config: str, args, extra: list[str]) -> Path:
+def fit(name: str, config: str, args, extra: list[str], steps: int) -> Path:
     ckpt_dir = Path(args.out) / name / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if last.exists():
         print(f"[study] {name}: {last} exists, skipped", file=sys.stderr)
         return last
-    steps = args.ar_steps if name == "ar" else args.steps
     cmd = [sys.executable, "-m", "nanollada", "fit", "--config", str(REPO / config),
            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
            "--trainer.limit_val_batches", str(args.val_batches), "--trainer.enable_progress_bar", "false",
@@ -143,13 +142,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpts = {"ar": fit("ar", "configs/real/cpu/ar_pretrain.yaml", args, [])}
+    ckpts = {"ar": fit("ar", "configs/real/cpu/ar_pretrain.yaml", args, [], args.ar_steps)}
     init = ["--model.init_from", str(ckpts["ar"])]
-    ckpts["masked_diffusion"] = fit("masked_diffusion", "configs/real/cpu/diffusion_from_ar.yaml", args, init)
+    ckpts["masked_diffusion"] = fit("masked_diffusion", "configs/real/cpu/diffusion_from_ar.yaml", args, init,
+                                    args.steps)
     for b in args.block_sizes:
         ckpts[f"block_diffusion_b{b}"] = fit(f"block_diffusion_b{b}", "configs/real/cpu/block_diffusion_from_ar.yaml",
                                              args, init + ["--model.block_size", str(b),
-                                                           "--model.block_schedule", "null"])
+                                                           "--model.block_schedule", "null"], args.steps)
     ev = out / "eval.json"
     if not ev.exists():
         cmd = [sys.executable, "-m", "nanollada", "eval", "--ckpt", *map(str, ckpts.values()), "--tasks",
