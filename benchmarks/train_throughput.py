@@ -175,13 +175,18 @@ def build(preset: str, paradigm: str, args):
     return cls(**kw)
 
 
+def make_loader(lm, batch_size: int, seq_len: int, device, doc_len: int = 0, seed: int = 0) -> DataLoader:
+    """Random packed rows through the module's own pretraining collate (``lm.collate_cls``), 8 distinct batches."""
+    tok = lm.tokenizer
+    data = RandomPackedRows(batch_size * 8, seq_len, tok.vocab_size, doc_len, seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0,
+                      collate_fn=lm.collate_cls("pretrain", tok.pad_id, tok.eos_id, max_len=seq_len),
+                      pin_memory=device.type == "cuda")
+
+
 def bench(preset: str, paradigm: str, args, device) -> dict:
     lm = build(preset, paradigm, args)
-    tok = lm.tokenizer
-    data = RandomPackedRows(args.batch_size * 8, args.seq_len, tok.vocab_size, args.doc_len, args.seed)
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, num_workers=0,
-                        collate_fn=lm.collate_cls("pretrain", tok.pad_id, tok.eos_id, max_len=args.seq_len),
-                        pin_memory=device.type == "cuda")
+    loader = make_loader(lm, args.batch_size, args.seq_len, device, args.doc_len, args.seed)
     tokens = args.steps * args.batch_size * args.seq_len
     light, bare = [], []
     for r in range(args.rounds):
