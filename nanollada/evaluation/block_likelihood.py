@@ -32,8 +32,9 @@ def block_diffusion_logits(model, noisy: torch.Tensor, clean: torch.Tensor, doc_
 
     ``inputs_embeds`` (B, 2L, d), when given, replaces the embedding of ``noisy ⊕ clean`` (embedding noise)."""
     L = clean.shape[1]
-    if L > model.cfg.max_seq_len:
-        raise ValueError(f"rows of {L} tokens exceed max_seq_len={model.cfg.max_seq_len}")
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and L > cfg.max_seq_len:
+        raise ValueError(f"rows of {L} tokens exceed max_seq_len={cfg.max_seq_len}")
     positions = torch.arange(L, device=clean.device).repeat(2)
     mask = block_diffusion_mask(doc_ids, block_size)
     ids = None if inputs_embeds is not None else torch.cat([noisy, clean], 1)
