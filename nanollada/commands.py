@@ -47,17 +47,19 @@ def tokenizer_command(argv: list[str]) -> None:
         print(f"| {f} | {n_rec} | {n_chars} | {n_tok} | {n_chars / max(n_tok, 1):.3f} |")
 
 
-def _settings_parser(prog: str, doc: str):
-    """A jsonargparse parser with GenerationSettings' fields as flat flags (--temperature, --strategy, ...)."""
+def _settings_parser(prog: str, doc: str, prompts: bool = True):
+    """A jsonargparse parser with GenerationSettings' fields as flat flags (--temperature, --strategy, ...), plus
+    --prompt / --prompts_file (unless ``prompts`` is False) and --device."""
     from jsonargparse import ArgumentParser
 
     from nanollada.generate import GenerationSettings
     parser = ArgumentParser(prog=prog, description=doc, default_env=False)
     parser.add_class_arguments(GenerationSettings, nested_key=None, as_group=True)
-    parser.add_argument("--prompt", action="append", type=str, default=[],
-                        help="prompt text (repeat the flag for several)")
-    parser.add_argument("--prompts_file", type=str | None, default=None,
-                        help="a .txt file (one prompt per line) or .jsonl file with a 'prompt' field per line")
+    if prompts:
+        parser.add_argument("--prompt", action="append", type=str, default=[],
+                            help="prompt text (repeat the flag for several)")
+        parser.add_argument("--prompts_file", type=str | None, default=None,
+                            help="a .txt file (one prompt per line) or .jsonl file with a 'prompt' field per line")
     parser.add_argument("--device", type=str, default="auto", help="cpu, cuda, mps or auto")
     return parser
 
@@ -358,6 +360,63 @@ def pipeline_command(argv: list[str]) -> None:
 
 COMMANDS["prepare"] = prepare_command
 COMMANDS["pipeline"] = pipeline_command
+
+
+def chat_command(argv: list[str]) -> None:
+    """talk to a checkpoint of any paradigm: multi-turn, streaming, /set /reset /save (Ctrl-C stops an answer)"""
+    from nanollada.chat import ChatREPL, ChatSession
+    parser = _settings_parser("nanollada chat", chat_command.__doc__ + ". Settings left null take the paradigm's "
+                              "defaults (AR: temperature 0.7, top-p 0.9, repetition penalty 1.1; diffusion: "
+                              "threshold decoding with the prefix cache); --greedy true decodes deterministically.",
+                              prompts=False)
+    parser.add_argument("--ckpt", type=str, required=True, help="a nanollada checkpoint (.ckpt)")
+    parser.add_argument("--system", type=str | None, default=None, help="system prompt (chat checkpoints)")
+    parser.add_argument("--show_denoising", type=bool, default=False,
+                        help="diffusion: draw the live canvas at every denoising step instead of streaming text")
+    cfg = parser.parse_args(argv)
+    settings = _settings(cfg)
+    loaded = _load(cfg.ckpt, _device(cfg.device))
+    try:
+        settings.resolve(loaded.interface.default_generation())
+    except ValueError as e:
+        raise SystemExit(str(e))
+    ChatREPL(ChatSession(loaded, settings, cfg.system), show_denoising=cfg.show_denoising).run()
+
+
+COMMANDS["chat"] = chat_command
+
+
+def serve_command(argv: list[str]) -> None:
+    """OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /"""
+    from nanollada.serve import build_app, require_serve_extra
+    require_serve_extra()
+    import uvicorn
+    parser = _settings_parser("nanollada serve", serve_command.__doc__ + ". The generation flags are the server's "
+                              "defaults; each request may override temperature, top_p, max_tokens, seed, stop and, "
+                              'under "nanollada": {...}, any other setting. Requests to one model wait for its lock '
+                              "(one at a time); different models run side by side.", prompts=False)
+    parser.add_argument("--ckpt", action="append", type=str, required=True,
+                        help="checkpoint to serve, as PATH or NAME=PATH (repeat for several; the model id is NAME, "
+                             "else the run directory, e.g. tiny_ar_sft)")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind (0.0.0.0: all interfaces)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--workers", type=int, default=8, help="threads that run generations (all models)")
+    cfg = parser.parse_args(argv)
+    settings = _settings(cfg)
+    try:
+        app = build_app(cfg.ckpt, settings, _device(cfg.device), cfg.workers)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e))
+    for m in app.state.models.values():
+        info = m.info()["nanollada"]
+        print(f"[serve] model {m.id!r}: {info['paradigm']}, {'chat' if info['chat'] else 'pretraining'}, "
+              f"{info['parameters'] / 1e6:.2f}M parameters, from {info['checkpoint']}", flush=True)
+    print(f"[serve] http://{cfg.host}:{cfg.port}/ (chat page), http://{cfg.host}:{cfg.port}/v1 (OpenAI API); "
+          "Ctrl-C stops", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=5)
+
+
+COMMANDS["serve"] = serve_command
 
 
 def merge_command(argv: list[str]) -> None:

@@ -10,8 +10,9 @@ paradigms are compared on.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass, replace
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -24,27 +25,36 @@ MAX_PROMPT_CHARS = 100_000
 EDITING_PRESETS = {"speedy": (0.5, 0.0), "quality": (0.7, 0.5)}
 
 
-
 @dataclass
 class GenerationSettings:
-    """Decoding settings for both paradigms.
+    """Decoding settings for every paradigm.
+
+    A field left None where the type allows "or the paradigm's default" (temperature, top_p, repetition_penalty,
+    strategy, use_prefix_cache) takes the value the checkpoint's paradigm chooses (``Paradigm.default_generation``;
+    :meth:`resolve` fills them in): AR samples with temperature / top-p / a mild repetition penalty, masked
+    diffusion decodes with the confidence threshold and the prefix cache. ``greedy`` is the one flag back to
+    deterministic argmax decoding.
 
     Args:
         max_new_tokens: Tokens to generate (AR: at most; diffusion: the canvas, rounded up to whole blocks).
-        temperature: Sampling temperature; 0 = greedy (AR) / no Gumbel noise (diffusion).
+        temperature: Sampling temperature; 0 = greedy (AR) / no Gumbel noise (diffusion); None = the paradigm's
+            default.
         top_k: AR: keep the k most likely tokens (None = off).
-        top_p: AR: nucleus sampling mass (None = off).
-        repetition_penalty: AR: CTRL-style penalty on tokens already present (1.0 = off).
+        top_p: AR: nucleus sampling mass (1 = off; None = the paradigm's default).
+        repetition_penalty: AR: CTRL-style penalty on tokens already present (1.0 = off; None = the paradigm's
+            default).
         use_kv_cache: AR: incremental decoding with the KV cache.
         strategy: Diffusion: ``low_confidence`` / ``random`` (LLaDA, fixed steps), ``threshold`` (Fast-dLLM),
-            ``threshold_topk`` (v0.1.0 report: threshold + top-k + decode budget).
+            ``threshold_topk`` (v0.1.0 report: threshold + top-k + decode budget); None = the paradigm's default.
         steps: Diffusion: forwards per block for the fixed-step strategies.
         block_length: Diffusion: semi-autoregressive block length (None = one block of max_new_tokens).
         threshold: Diffusion: confidence threshold tau of ``threshold`` / ``threshold_topk``.
         commit_top_k: Diffusion: at most this many commits per step in ``threshold_topk``.
         budget: Diffusion: cap on forwards for ``threshold_topk`` (None = no cap).
-        use_prefix_cache: Diffusion: Fast-dLLM prefix KV cache (prompt and finished blocks computed once per block).
+        use_prefix_cache: Diffusion: Fast-dLLM prefix KV cache (prompt and finished blocks computed once per block);
+            None = the paradigm's default.
         chat: Wrap the prompt in the chat template; None = automatically for SFT checkpoints.
+        greedy: Deterministic decoding: temperature 0, and top-p / repetition penalty off unless set explicitly.
         seed: Seed of every random draw, so outputs are reproducible.
         editing: Block diffusion: LLaDA 2.1 token editing (committed tokens of the current block may be rewritten):
             ``off``; ``speedy`` (threshold 0.5, edit_threshold 0.0: commit early, repair by edits -- SGLang's
@@ -65,19 +75,20 @@ class GenerationSettings:
     """
 
     max_new_tokens: int = 128
-    temperature: float = 0.0
+    temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     use_kv_cache: bool = True
-    strategy: Literal["low_confidence", "random", "threshold", "threshold_topk"] = "low_confidence"
+    strategy: Literal["low_confidence", "random", "threshold", "threshold_topk"] | None = None
     steps: int | None = None
     block_length: int | None = 32
     threshold: float = 0.9
     commit_top_k: int = 4
     budget: int | None = None
-    use_prefix_cache: bool = False
+    use_prefix_cache: bool | None = None
     chat: bool | None = None
+    greedy: bool = False
     seed: int = 0
     editing: Literal["off", "speedy", "quality", "custom"] = "off"
     edit_threshold: float = 0.9
@@ -87,23 +98,25 @@ class GenerationSettings:
     min_new_tokens: int = 0
     eos_after_text: bool = False
 
-
     def __post_init__(self) -> None:
         """Reject meaningless values with the flag, the value and the allowed range."""
         def bad(flag, value, allowed):
             raise ValueError(f"--{flag} {value!r} is out of range: allowed {allowed}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad("max_new_tokens", self.max_new_tokens, ">= 1 (an integer)")
-        if self.temperature < 0:
-            bad("temperature", self.temperature, ">= 0 (0 = greedy)")
+        if self.temperature is not None and self.temperature < 0:
+            bad("temperature", self.temperature, ">= 0 (0 = greedy), or null for the paradigm's default")
         if self.top_k is not None and self.top_k < 1:
             bad("top_k", self.top_k, ">= 1, or null for off")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            bad("top_p", self.top_p, "(0, 1], or null for off")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", self.repetition_penalty, "> 0 (1 = off)")
-        if self.strategy not in STRATEGIES:
-            bad("strategy", self.strategy, f"one of {sorted(STRATEGIES)}")
+            bad("top_p", self.top_p, "(0, 1] (1 = off), or null for the paradigm's default")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "> 0 (1 = off), or null for the paradigm's default")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            bad("strategy", self.strategy, f"one of {sorted(STRATEGIES)}, or null for the paradigm's default")
+        if self.greedy and self.temperature:
+            raise ValueError(f"--greedy true conflicts with --temperature {self.temperature!r}: greedy decoding is "
+                             "temperature 0")
         if self.steps is not None and self.steps < 1:
             bad("steps", self.steps, ">= 1, or null for one step per block position")
         if self.block_length is not None and self.block_length < 1:
@@ -135,6 +148,54 @@ class GenerationSettings:
             return self.threshold, self.edit_threshold
         return EDITING_PRESETS[self.editing]
 
+    def resolve(self, defaults: dict) -> "GenerationSettings":
+        """These settings with every field left None in :data:`PARADIGM_DEFAULT_FIELDS` filled in: ``greedy`` first
+        (temperature 0, top-p and repetition penalty off), then ``defaults`` (a ``Paradigm.default_generation()``).
+        Explicit values always win; resolving twice changes nothing."""
+        fill = {}
+        if self.greedy:
+            fill.update(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+        fill = {k: v for k, v in {**defaults, **fill}.items()
+                if k in PARADIGM_DEFAULT_FIELDS and getattr(self, k) is None}
+        missing = [k for k in PARADIGM_DEFAULT_FIELDS if getattr(self, k) is None and k not in fill]
+        if missing:
+            raise ValueError(f"no default for {missing}: Paradigm.default_generation() must name every field of "
+                             f"{PARADIGM_DEFAULT_FIELDS}")
+        return replace(self, **fill) if fill else self
+
+    def updated(self, **changes) -> "GenerationSettings":
+        """A copy with ``changes`` (JSON-typed values: from a request body, or ``/set key=value`` in chat), each
+        checked against its field's type first; ValueError naming the field otherwise."""
+        hints = get_type_hints(GenerationSettings)
+        for name, value in changes.items():
+            if name not in hints:
+                raise ValueError(f"unknown generation setting {name!r}; known: {', '.join(hints)}")
+            changes[name] = _check_type(name, value, hints[name])
+        return replace(self, **changes)
+
+
+PARADIGM_DEFAULT_FIELDS = ("temperature", "top_p", "repetition_penalty", "strategy", "use_prefix_cache")
+
+
+def _check_type(name: str, value, hint):
+    """``value`` as field ``name`` of type ``hint`` takes it (an int where a float is expected becomes a float)."""
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    literals = [x for o in options if get_origin(o) is Literal for x in get_args(o)]
+    if value is None and type(None) in options:
+        return None
+    if isinstance(value, bool):
+        if bool in options:
+            return value
+    elif isinstance(value, int) and int in options:
+        return value
+    elif isinstance(value, (int, float)) and float in options:
+        return float(value)
+    elif isinstance(value, str) and value in literals:
+        return value
+    allowed = [{int: "an integer", float: "a number", bool: "true/false", type(None): "null"}.get(o, "")
+               for o in options if get_origin(o) is not Literal] + ([f"one of {literals}"] if literals else [])
+    raise ValueError(f"{name}={value!r} has the wrong type: expected {' or '.join(a for a in allowed if a)}")
+
 
 def encode_prompt(interface, prompt: str, chat: bool | None) -> list[int]:
     """Prompt ids (bos first); chat template for SFT checkpoints unless ``chat`` says otherwise."""
@@ -154,19 +215,23 @@ def show_tokens(tok, ids: list[int]) -> str:
 
 @torch.no_grad()
 def generate_text(interface, prompt: str, settings: GenerationSettings, trace_path: str | None = None,
-                  on_step=None) -> dict:
+                  on_step=None, prompt_ids: list[int] | None = None, return_ids: bool = False) -> dict:
     """Generate a completion of ``prompt`` with a ``Paradigm`` (or a ``LoadedModel``, whose ``interface`` is used);
-    returns prompt, completion, counts and timings (JSON-ready).
+    returns prompt, completion, counts and timings (JSON-ready). ``settings`` fields left to the paradigm's default
+    are resolved first (``GenerationSettings.resolve``); the record's ``settings`` are the resolved ones.
 
     trace_path: record the denoising canvas after every step (paradigms with ``supports_trace``): ``"-"`` prints it
     to the terminal (stderr, one line per step), any other path gets a self-contained HTML page with a step slider.
     on_step: streaming callback, see ``Paradigm.generate``.
+    prompt_ids: the prompt already rendered (bos first, e.g. a multi-turn chat); ``prompt`` is then only recorded.
+    return_ids: also return the token ids (``prompt_ids``, ``completion_ids``), for streaming and usage counts.
     """
     interface = getattr(interface, "interface", interface)
     if trace_path and not interface.supports_trace:
         raise ValueError(f"a denoising trace needs a diffusion checkpoint (this one is {interface.name})")
+    settings = settings.resolve(interface.default_generation())
     tok, model = interface.tokenizer, interface.model
-    ids = encode_prompt(interface, prompt, settings.chat)
+    ids = list(prompt_ids) if prompt_ids is not None else encode_prompt(interface, prompt, settings.chat)
     room = model.cfg.max_seq_len - len(ids)
     if room < 1:
         raise ValueError(f"prompt of {len(ids)} tokens leaves no room in max_seq_len={model.cfg.max_seq_len}")
@@ -189,6 +254,8 @@ def generate_text(interface, prompt: str, settings: GenerationSettings, trace_pa
               "settings": asdict(settings)}
     if out.stopped_early:
         record["stopped_early"] = True
+    if return_ids:
+        record.update(prompt_ids=ids, completion_ids=list(out.tokens))
     if notes:
         record["notes"] = notes
     return record

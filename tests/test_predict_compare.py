@@ -166,8 +166,8 @@ def test_cli_names_the_bad_flag_without_a_traceback(checkpoints):
 def test_strategy_registry_matches_the_settings_choices():
     from nanollada.generate import GenerationSettings
     from nanollada.sampling.diffusion import STRATEGIES, build_strategy
-    choices = typing.get_args(typing.get_type_hints(GenerationSettings)["strategy"])
-    assert set(choices) == set(STRATEGIES)
+    literal, none = typing.get_args(typing.get_type_hints(GenerationSettings)["strategy"])  # or None: the default
+    assert set(typing.get_args(literal)) == set(STRATEGIES) and none is type(None)
     s = GenerationSettings(strategy="threshold_topk", threshold=0.7, commit_top_k=3, budget=9)
     built = build_strategy("threshold_topk", s, 8)
     assert (type(built).__name__, built.threshold, built.top_k, built.budget) == ("ThresholdTopKBudget", 0.7, 3, 9)

@@ -39,6 +39,12 @@ class ARParadigm(Paradigm):
                     out[i] = g[: lengths[i]]
         return out
 
+    def default_generation(self) -> dict:
+        """Nucleus sampling as in MiniMind's chat (temperature 0.7, top-p 0.9) plus a mild repetition penalty (1.1):
+        greedy decoding of small models loops ("the be the be ..."); on the tiny main-job model 0.7 / 0.9 gave
+        more real words than MiniMind's 0.85 / 0.95 at the same diversity. ``greedy`` is one flag away."""
+        return {**super().default_generation(), "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
+
     def decoding_key(self, settings) -> str:
         """Only the fields AR decoding reads (the diffusion knobs do not change it); the seed only when sampling."""
         s = settings.resolve(self.default_generation()) if hasattr(settings, "resolve") else settings

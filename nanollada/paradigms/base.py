@@ -17,6 +17,7 @@ float64 on the CPU. Shapes: N items.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -197,8 +198,27 @@ class Paradigm:
         """Decode an answer after ``prompt_ids`` (already rendered, bos first) with a ``GenerationSettings``.
 
         ``on_step(tokens)`` is called as the answer grows (AR: after every token with the answer so far; diffusion:
-        after every step with the canvas so far, masks as ``tokenizer.mask_id``); a true return value stops it."""
+        after every step with the canvas so far, masks as ``tokenizer.mask_id``); a true return value stops it.
+        ``settings`` arrive resolved: every subclass's ``generate`` is wrapped (``__init_subclass__``) to fill the
+        fields left to the paradigm's default from :meth:`default_generation` first."""
         raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        gen = cls.__dict__.get("generate")
+        if gen is not None and not getattr(gen, "resolves_settings", False):
+            @functools.wraps(gen)
+            def generate(self, prompt_ids, settings, **kw):
+                return gen(self, prompt_ids, settings.resolve(self.default_generation()), **kw)
+            generate.resolves_settings = True
+            cls.generate = generate
+
+    def default_generation(self) -> dict:
+        """Decoding defaults of this paradigm: a value for every ``GenerationSettings`` field that a user may leave
+        None ("the paradigm's default", ``generate.PARADIGM_DEFAULT_FIELDS``), chosen to read like text. The base
+        values are neutral (greedy, nothing extra); a paradigm overrides the ones it cares about."""
+        return {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "strategy": "low_confidence",
+                "use_prefix_cache": False}
 
     def decoding_key(self, settings) -> str:
         """A key that two ``GenerationSettings`` share exactly when this paradigm decodes them identically (a

@@ -120,6 +120,12 @@ class MaskedDiffusionParadigm(Paradigm):
                                  f"(max_seq_len={self.model.cfg.max_seq_len})")
         return gen_length, block
 
+    def default_generation(self) -> dict:
+        """Fast-dLLM confidence-threshold decoding (``threshold``, tau from the settings) with the prefix cache:
+        several tokens per forward where the model is sure, and the fastest setting in ``benchmarks/``."""
+        return {**super().default_generation(), "temperature": 0.0, "strategy": "threshold",
+                "use_prefix_cache": True}
+
     def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
         tok = self.tokenizer
         gen_length, block = self.canvas_length(len(prompt_ids), settings)

@@ -1,0 +1,151 @@
+"""Streaming text out of a growing answer, for ``chat`` and ``serve``: settled text, stop strings, canvas frames.
+
+A paradigm's ``on_step(tokens)`` reports the answer as it grows: AR the tokens so far, diffusion the whole canvas
+with masks (``tokenizer.mask_id``). :class:`TextStream` turns those reports into text deltas that never have to be
+taken back:
+
+- AR: every token is final, the text grows token by token;
+- diffusion: only whole blocks without masks are final (a paradigm may still change a block while it has masks,
+  e.g. an editing decoder), so text arrives block by block;
+- the answer ends at the first stop id (eos, ``<|im_end|>``) and at the first stop string (OpenAI's ``stop``);
+- text that may still change is held back: a trailing incomplete UTF-8 character (byte-fallback pieces decode to
+  U+FFFD until the character is complete) and a tail that could be the start of a stop string.
+
+:func:`canvas_changes` gives what changed between two canvases (positions filled, edited or re-masked), the frames
+the web page animates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass
+class TextStream:
+    """Incremental, never-revised text of one answer.
+
+    Args:
+        tokenizer: The model's ``nanollada.tokenizer.Tokenizer``.
+        stop_ids: Token ids that end the answer (not part of it), e.g. ``Paradigm.stop_ids()``.
+        stop_strings: Strings that end the answer (not part of it), OpenAI's ``stop``.
+        block_length: Diffusion: a canvas settles in whole blocks of this length (None = only once it has no masks).
+    """
+
+    tokenizer: object
+    stop_ids: set = field(default_factory=set)
+    stop_strings: tuple = ()
+    block_length: int | None = None
+    limit: int | None = None
+    emitted: str = ""
+    reason: str | None = None  # why the text ended early: "stop" (stop id / stop string) or "length" (limit)
+    _tokens: list = field(default_factory=list)
+
+    @property
+    def stopped(self) -> bool:
+        """The answer is complete: a stop id, a stop string or the token limit was reached."""
+        return self.reason is not None
+
+    def settle(self, tokens: list[int], final: bool = False) -> tuple[list[int], str | None]:
+        """(the part of ``tokens`` that can no longer change, cut before the first stop id and at ``limit``; the
+        reason it was cut, if it was)."""
+        end = len(tokens)
+        if not final and self.tokenizer.mask_id in tokens:
+            first = tokens.index(self.tokenizer.mask_id)
+            end = first - first % self.block_length if self.block_length else 0
+        for i in range(end):
+            if tokens[i] in self.stop_ids:
+                if self.limit is not None and i > self.limit:
+                    return tokens[:self.limit], "length"
+                return tokens[:i], "stop"
+        if self.limit is not None and end >= self.limit:
+            return tokens[:self.limit], "length"
+        return tokens[:end], None
+
+    def _text(self, tokens: list[int]) -> tuple[str, bool]:
+        """(text of tokens cut at the first stop string, whether one was found)."""
+        text = self.tokenizer.decode(tokens)
+        cut = min((text.find(s) for s in self.stop_strings if s and s in text), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def update(self, tokens: list[int]) -> str:
+        """New settled text after an ``on_step`` report (the whole answer or canvas so far); '' when none."""
+        return self._consume(list(tokens), final=False)
+
+    def finish(self, tokens: list[int]) -> str:
+        """The rest of the text once generation is over (``tokens``: the final answer)."""
+        return self._consume(list(tokens), final=True)
+
+    def _consume(self, tokens: list[int], final: bool) -> str:
+        if self.stopped:
+            return ""
+        settled, reason = self.settle(tokens, final)
+        text, hit_stop = self._text(settled)
+        self._tokens = settled
+        if hit_stop:
+            reason = "stop"
+        if reason:
+            self.reason = reason
+        elif not final:
+            text = self._hold_back(text)
+        return self._advance(text)
+
+    @property
+    def text(self) -> str:
+        return self.emitted
+
+    def token_count(self) -> int:
+        """Tokens of the answer that the emitted text covers (the stop-string cut included): usage counts."""
+        toks = self._tokens
+        if self.tokenizer.decode(toks) == self.emitted:
+            return len(toks)
+        n = 0
+        while n < len(toks) and len(self.tokenizer.decode(toks[:n])) < len(self.emitted):
+            n += 1
+        return n
+
+    def _hold_back(self, text: str) -> str:
+        text = text.rstrip("\ufffd")
+        keep = len(text)
+        for s in self.stop_strings:  # a tail that could still become a stop string
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    keep = min(keep, len(text) - k)
+                    break
+        return text[:keep]
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.emitted):  # settled text never changes; never take text back regardless
+            return ""
+        delta = text[len(self.emitted):]
+        self.emitted = text
+        return delta
+
+
+def canvas_changes(prev: list[int] | None, cur: list[int], mask_id: int) -> list[tuple[int, int | None, str]]:
+    """What changed from canvas ``prev`` to ``cur`` (lists of ids, masks as ``mask_id``; None = all masked):
+    ``(position, id or None for a mask, kind)`` with kind ``fill`` (mask -> token), ``edit`` (token -> another
+    token) or ``remask`` (token -> mask)."""
+    out = []
+    for i, t in enumerate(cur):
+        p = mask_id if prev is None or i >= len(prev) else prev[i]
+        if t == p:
+            continue
+        if t == mask_id:
+            out.append((i, None, "remask"))
+        else:
+            out.append((i, t, "fill" if p == mask_id else "edit"))
+    return out
+
+
+def fit_to_context(max_seq_len: int, prompt_len: int, settings):
+    """``settings`` with ``max_new_tokens`` capped to the room left after the prompt and a diffusion block no longer
+    than the answer; ValueError when the prompt leaves no room at all."""
+    room = max_seq_len - prompt_len
+    if room < 1:
+        raise ValueError(f"the prompt has {prompt_len} tokens and leaves no room for an answer in "
+                         f"max_seq_len={max_seq_len}")
+    n = min(settings.max_new_tokens, room)
+    block = settings.block_length if settings.block_length is None else min(settings.block_length, n)
+    if (n, block) != (settings.max_new_tokens, settings.block_length):
+        settings = replace(settings, max_new_tokens=n, block_length=block)
+    return settings

@@ -1,0 +1,40 @@
+"""Tiny checkpoints for the chat / serve / web-page tests, trained once per test session (a few steps each).
+
+``trained(tmp_path_factory)`` returns {"ar": AR SFT, "dm": diffusion SFT, "pre": AR pretraining} checkpoint paths.
+The pretraining one is the AR SFT checkpoint with its data kind set to ``pretrain`` (only the kind decides
+whether the chat template is used), so two fits cover the three. ``max_seq_len`` is 256 so answers fit but long
+conversations do not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import CONFIGS, DATA, finish, fit_config, start_cli
+
+STEPS = dict(max_steps=4, val_check_interval=4, limit_val_batches=1, log_every_n_steps=2)
+MAX_SEQ_LEN = 256
+_CACHE: dict = {}
+
+
+def trained(tmp_path_factory) -> dict[str, Path]:
+    if _CACHE:
+        return _CACHE
+    work = tmp_path_factory.mktemp("serve_ckpts")
+    cfgs = {name: fit_config(work / name, name, base=CONFIGS / "tiny" / base, trainer=STEPS,
+                             train_files=[DATA / "sft.jsonl"], model=dict(init_from=None, max_seq_len=MAX_SEQ_LEN),
+                             data=dict(seq_len=64, batch_size=4, max_val_rows=4))
+            for name, base in (("ar", "ar_sft.yaml"), ("dm", "diffusion_sft.yaml"))}
+    procs = [start_cli(["fit", "--config", c], work) for c in cfgs.values()]
+    for p in procs:
+        r = finish(p, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    paths = {name: work / name / "checkpoints" / "last.ckpt" for name in cfgs}
+    payload = torch.load(paths["ar"], map_location="cpu", weights_only=True)
+    payload["nanollada"]["data_kind"] = "pretrain"
+    paths["pre"] = work / "pre.ckpt"
+    torch.save(payload, paths["pre"])
+    _CACHE.update(paths)
+    return _CACHE
