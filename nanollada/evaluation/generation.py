@@ -230,6 +230,14 @@ def point_label(point: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items()) or "default"
 
 
+SHORT = {"threshold": "t", "steps": "s", "block_length": "b", "temperature": "T", "max_new_tokens": "n"}
+
+
+def short_label(point: dict) -> str:
+    """``t0.5 b8`` for the plot's point labels."""
+    return " ".join(f"{SHORT.get(k, k + '=')}{v}" for k, v in point.items())
+
+
 def format_sweep(result: dict) -> str:
     """Markdown table: one row per run, curves together."""
     lines = ["| checkpoint / decoder | setting | tokens/s | TPF | judge ppl | rep-4gram | unigram entropy (bits) "
@@ -269,16 +277,20 @@ def plot_sweep(result: dict, path: str) -> str | None:
             if not rows:
                 continue
             ax.plot([r["tokens_per_s"] for r in rows], [r[key] for r in rows], marker="o", label=name)
-            if len(rows) > 1 or len(curves) < 6:
-                for r in rows:
-                    ax.annotate(point_label(r["point"]), (r["tokens_per_s"], r[key]), fontsize=6,
+            for r in rows:
+                if r["point"]:
+                    ax.annotate(short_label(r["point"]), (r["tokens_per_s"], r[key]), fontsize=6,
                                 textcoords="offset points", xytext=(3, 3))
         ax.set_xscale("log")
+        if key == "judge_ppl":
+            ax.set_yscale("log")
         ax.set_xlabel("answer tokens / s (log)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"generation quality vs speed ({result['prompts']} prompts)", fontsize=11)
+    fig.suptitle(f"generation quality vs speed ({result['prompts']} prompts; point labels: "
+                 + ", ".join(f"{v} = {k}" for k, v in SHORT.items() if k in result.get("grid", {})) + ")",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
