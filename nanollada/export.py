@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from nanollada.loading import LoadedModel, read_checkpoint
+from nanollada.tokenizer import CHAT_KINDS
 
 FORMAT = "nanollada-export"
 FORMAT_VERSION = 1
@@ -149,5 +150,5 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu",
         model = model.to(dtype)
         model.rope_cos, model.rope_sin = cos, sin  # keep the tables in float32, as Transformer builds them
     model = model.to(device).eval()
-    return LoadedModel(model, tok, config["paradigm"], str(d), is_chat=config.get("data_kind") == "sft",
+    return LoadedModel(model, tok, config["paradigm"], str(d), is_chat=config.get("data_kind") in CHAT_KINDS,
                        metadata=config, paradigm_config=dict(config.get("paradigm_config", {})))

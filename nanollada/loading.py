@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanollada.model import ModelConfig, Transformer
-from nanollada.tokenizer import Tokenizer
+from nanollada.tokenizer import CHAT_KINDS, Tokenizer
 
 
 def backbone_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -62,4 +62,5 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> LoadedMode
     model = Transformer(ModelConfig.from_dict(meta["model_config"]))
     model.load_state_dict(backbone_state(payload["state_dict"]))
     return LoadedModel(model.to(device).eval(), tokenizer, meta["paradigm"], str(path),
-                       is_chat=meta.get("data_kind") == "sft", paradigm_config=dict(meta.get("paradigm_config", {})))
+                       is_chat=meta.get("data_kind") in CHAT_KINDS,
+                       paradigm_config=dict(meta.get("paradigm_config", {})))

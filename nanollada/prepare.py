@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nanollada.data.cache import build_cache, cache_key, missing_data_message
-from nanollada.data.records import SHARED_VAL_FRACTION
+from nanollada.data.records import KINDS, SHARED_VAL_FRACTION
 from nanollada.tokenizer import Tokenizer
 
 
@@ -91,8 +91,8 @@ def prepare_files(files: Sequence[str], kind: str, tokenizer: str | os.PathLike 
     ``max_len`` must equal the training config's ``seq_len`` for SFT (LMDataModule truncates SFT conversations to
     it and it is part of the cache key); pretraining caches use None.
     """
-    if kind not in ("pretrain", "sft"):
-        raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     jobs = [dict(path=f, kind=kind, tokenizer=tok, cache_root=cache_dir, val_fraction=val_fraction,
                  skip_bad_lines=skip_bad_lines, max_len=max_len) for f in files]
@@ -139,8 +139,9 @@ def token_budget(result: PrepareResult, config: dict) -> dict:
     if result.files and result.files[0].kind == "pretrain":
         budget["train_tokens"] = rows * data.get("seq_len", 256)
         budget["epochs"] = budget["train_tokens"] / max(budget["epoch_tokens"], 1)
-    else:  # SFT: one conversation a row
-        docs = sum(round(f.weight * f.train_docs) for f in result.files)
+    else:  # SFT: one conversation a row; preference: one pair (two cached documents) a row
+        per_row = 2 if result.files and result.files[0].kind == "preference" else 1
+        docs = sum(round(f.weight * f.train_docs / per_row) for f in result.files)
         budget["epoch_conversations"] = docs
         budget["epochs"] = rows / max(docs, 1)
     return budget
@@ -241,7 +242,7 @@ def prepare_command(argv: list[str]) -> None:
         "at once. Relative files resolve against $NANOLLADA_DATA, else the config's data.data_root / --data_root."))
     parser.add_argument("--config", action="append", default=[], help="fit config(s) (YAML); repeatable")
     parser.add_argument("--files", nargs="+", default=[], help="pretrain or SFT jsonl(.gz) files")
-    parser.add_argument("--kind", choices=["pretrain", "sft"], default=None, help="kind of --files (required)")
+    parser.add_argument("--kind", choices=list(KINDS), default=None, help="kind of --files (required)")
     parser.add_argument("--weights", type=float, nargs="+", default=None, help="mixing weights of --files")
     parser.add_argument("--tokenizer", default=None, help="model file or directory (default: the config's, "
                         "else the shipped one)")

@@ -30,6 +30,8 @@ import sentencepiece as spm
 SPECIAL_PIECES = ("<|mask|>", "<|im_start|>", "<|im_end|>")
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tokenizer.model"
 ROLES = ("system", "user", "assistant")
+# Data kinds rendered with the chat template (``LMDataModule.kind``): a checkpoint trained on one is a chat model.
+CHAT_KINDS = ("sft", "preference")
 
 
 def record_texts(record: dict) -> list[str]:

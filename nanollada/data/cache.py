@@ -5,11 +5,12 @@ Layout of one cache directory (keyed on tokenizer fingerprint, file content hash
     meta.json                 counts: records, tokens, characters, skipped/truncated lines
     {train,val}.tokens.bin    all token ids back to back (uint16 when the vocabulary fits, else uint32)
     {train,val}.offsets.npy   int64 (n_docs + 1,): document d is tokens[offsets[d]:offsets[d+1]]
-    {train,val}.mask.bin      SFT only, uint8 loss mask aligned with tokens (assistant content + <|im_end|>)
+    {train,val}.mask.bin      SFT and preference, uint8 loss mask aligned with tokens (assistant content + <|im_end|>)
 
-A pretrain document is ``[bos] + text + [eos]``; an SFT document is the chat-template rendering. Caches are built in
-a temporary directory and renamed into place, so an interrupted build never leaves a half-written cache, and a
-second run (or another process) starts at once. Memmaps mean a corpus larger than memory still trains.
+A pretrain document is ``[bos] + text + [eos]``; an SFT document is the chat-template rendering; a preference pair
+is two documents, chosen then rejected, each prompt + response with the response as its mask (``preference.py``).
+Caches are built in a temporary directory and renamed into place, so an interrupted build never leaves a half-written
+cache, and a second run (or another process) starts at once. Memmaps mean a corpus larger than memory still trains.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanollada.data.preference import preference_documents
 from nanollada.data.records import ReadStats, is_validation, iter_records
 from nanollada.tokenizer import Tokenizer
 
@@ -91,12 +93,21 @@ def build_cache(path: str, kind: str, tokenizer: Tokenizer, cache_root: str, val
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
-    writers = {s: _SplitWriter(tmp, s, dtype, with_mask=kind == "sft") for s in SPLITS}
+    writers = {s: _SplitWriter(tmp, s, dtype, with_mask=kind != "pretrain") for s in SPLITS}
     stats, truncated, start = ReadStats(), 0, time.time()
     batch: list[tuple[str, dict]] = []
 
     def flush():
         nonlocal truncated
+        if kind == "preference":  # two documents per pair, cut to max_len inside (the prompt stays shared)
+            for key, rec in batch:
+                docs, cut = preference_documents(tokenizer, rec, max_len)
+                truncated += cut
+                for (ids, mask), conv in zip(docs, (rec["chosen"], rec["rejected"][-1:])):
+                    writers["val" if is_validation(key, val_fraction) else "train"].add(
+                        ids, mask, sum(len(m["content"]) for m in conv))
+            batch.clear()
+            return
         if kind == "pretrain":
             encoded = tokenizer.encode_batch([rec["text"] for _, rec in batch])
             rendered = [([tokenizer.bos_id] + ids + [tokenizer.eos_id], None) for ids in encoded]

@@ -2,7 +2,11 @@
 
 Dataset items (see datamodule.py):
 - pretrain: ``{"tokens": (L+1,) long, "doc_ids": (L+1,) long}``, a packed row with one token of look-ahead;
-- sft: ``{"tokens": (n,) long, "loss_mask": (n,) bool}``, one rendered conversation (n <= L).
+- sft: ``{"tokens": (n,) long, "loss_mask": (n,) bool}``, one rendered conversation (n <= L);
+- preference: ``{"chosen": <sft-like item>, "rejected": <sft-like item>}``, one pair, the loss mask on the response
+  only (``preference.py``). Both paradigm families batch its chosen rows first, then its rejected rows (row i and
+  row B + i are a pair; ``batch["pairs"]`` = B), with the loss (AR targets, diffusion eligible positions) on the
+  responses only.
 
 Both paradigms see the same rows: AR trains on ``tokens[:-1] -> tokens[1:]``, diffusion denoises ``tokens[:L]``.
 SFT differs in one way: diffusion splits a conversation into one row per assistant turn (``answer_turns``), AR keeps
@@ -15,6 +19,8 @@ Padding carries document id -1, so attention never reaches it (see ``model.docum
 from __future__ import annotations
 
 import torch
+
+from nanollada.data.preference import preference_rows
 
 IGNORE_INDEX = -100
 
@@ -57,6 +63,8 @@ class ARCollate:
         self.kind, self.pad_id = kind, pad_id
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        if self.kind == "preference":  # 2B rows, targets on the responses; padding is pad with doc id -1
+            return {**ARCollate("sft", self.pad_id, 0)(preference_rows(items)), "pairs": len(items)}
         if self.kind == "pretrain":
             tokens = torch.stack([it["tokens"] for it in items])
             docs = torch.stack([it["doc_ids"] for it in items])
@@ -87,7 +95,21 @@ class DiffusionCollate:
     def __init__(self, kind: str, pad_id: int, eos_id: int, max_len: int | None = None):
         self.kind, self.eos_id, self.max_len = kind, eos_id, max_len
 
+    def preference(self, items: list[dict]) -> dict:
+        """Preference pairs: 2B rows (chosen, then rejected), eligible = the response only (content +
+        ``<|im_end|>``, as LLaDA's conditional likelihood scores an answer of known length), right-padded with eos
+        that is neither eligible nor attended (document id -1)."""
+        rows = preference_rows(items)
+        T = max(len(r["tokens"]) for r in rows)
+        tokens = _pad([r["tokens"] for r in rows], T, self.eos_id)
+        eligible = _pad([r["loss_mask"] for r in rows], T, False)
+        real = _pad([torch.ones(len(r["tokens"]), dtype=torch.long) for r in rows], T, 0)
+        return {**with_mask_flags({"input_ids": tokens, "eligible": eligible, "doc_ids": real - 1}),
+                "pairs": len(items)}
+
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        if self.kind == "preference":
+            return self.preference(items)
         if self.kind == "pretrain":
             tokens = torch.stack([it["tokens"][:-1] for it in items])
             docs = torch.stack([it["doc_ids"][:-1] for it in items])

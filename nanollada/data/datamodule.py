@@ -1,4 +1,4 @@
-"""One LightningDataModule for pretraining and SFT jsonl, shared by both paradigms.
+"""One LightningDataModule for pretraining, SFT and preference jsonl, shared by every paradigm.
 
 Files are tokenized once into token caches (``cache.py``); training rows come from an infinite, seeded, resumable
 stream (``MixtureSampler``) whose position is derived from the trainer's global step, so ``--ckpt_path last``
@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from nanollada.data.cache import TokenCache, build_cache
-from nanollada.data.records import SHARED_VAL_FRACTION
+from nanollada.data.preference import PreferencePairs
+from nanollada.data.records import KINDS, SHARED_VAL_FRACTION
 from nanollada.tokenizer import Tokenizer
 
 
@@ -103,14 +104,18 @@ class LMDataModule(L.LightningDataModule):
 
     Args:
         train_files: jsonl or jsonl.gz files; relative paths are resolved against ``data_root`` when it is set.
-        kind: ``pretrain`` ({"text"} records, packed rows) or ``sft`` ({"conversations"} records, one per row).
+        kind: ``pretrain`` ({"text"} records, packed rows), ``sft`` ({"conversations"} records, one per row) or
+            ``preference`` ({"chosen", "rejected"} conversations sharing a prompt, MiniMind's ``dpo.jsonl``; one
+            pair per item, for the DPO modules of ``nanollada.lm.dpo``; see ``data/preference.py``).
         weights: Mixing weight per file (rows per epoch = weight x rows in the file); default 1 each.
         data_root: Directory that relative ``train_files`` live in (e.g. ``../shared/data``); the
             ``NANOLLADA_DATA`` environment variable overrides it.
         tokenizer: SentencePiece model file or directory; default: the tokenizer shipped with nanollada.
-        seq_len: Tokens per training row (pretrain rows are packed to exactly this; SFT rows are truncated to it).
+        seq_len: Tokens per training row (pretrain rows are packed to exactly this; SFT rows are truncated to it;
+            preference pairs are cut to it with the prompt kept shared, ``preference.truncate_pair``).
         batch_size: Rows per batch per device.
-        val_fraction: Share of records held out by the SHA-1 rule; 2/256 is ../shared/data/README.md's split.
+        val_fraction: Share of records held out by the SHA-1 rule; 2/256 is ../shared/data/README.md's split
+            (0.125 its rule for the small preference files).
         max_val_rows: Cap on validation rows (evenly spaced over all files, the same for every model); None = all.
         cache_dir: Where token caches are written.
         skip_bad_lines: Skip malformed lines (counted in the log) instead of stopping with file:line.
@@ -120,14 +125,14 @@ class LMDataModule(L.LightningDataModule):
             file (``{"prompt": ...}`` per line); answers are written in this order.
     """
 
-    def __init__(self, train_files: list[str], kind: Literal["pretrain", "sft"] = "pretrain",
+    def __init__(self, train_files: list[str], kind: Literal["pretrain", "sft", "preference"] = "pretrain",
                  weights: list[float] | None = None, data_root: str | None = None, tokenizer: str | None = None,
                  seq_len: int = 256, batch_size: int = 16, val_fraction: float = SHARED_VAL_FRACTION,
                  max_val_rows: int | None = None, cache_dir: str = "data/cache", skip_bad_lines: bool = False,
                  num_workers: int = 0, seed: int = 0, predict_file: str | None = None):
         super().__init__()
-        if kind not in ("pretrain", "sft"):
-            raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if weights is not None and len(weights) != len(train_files):
             raise ValueError(f"{len(weights)} weights for {len(train_files)} train_files")
         if not 0.0 <= val_fraction < 1.0:
@@ -143,7 +148,7 @@ class LMDataModule(L.LightningDataModule):
     def cache_jobs(self) -> list[dict]:
         """``build_cache`` arguments of every file, in order: the one definition of this data's cache keys
         (``nanollada prepare --config`` builds exactly these)."""
-        max_len = self.seq_len if self.kind == "sft" else None  # SFT conversations are truncated to seq_len
+        max_len = None if self.kind == "pretrain" else self.seq_len  # conversations and pairs are cut to seq_len
         return [dict(path=f, kind=self.kind, tokenizer=self.tokenizer, cache_root=self.hparams.cache_dir,
                      val_fraction=self.hparams.val_fraction, skip_bad_lines=self.hparams.skip_bad_lines,
                      max_len=max_len) for f in self.files]
@@ -162,6 +167,8 @@ class LMDataModule(L.LightningDataModule):
         caches = [TokenCache(d, split) for d in self._cache_dirs()]
         if self.kind == "pretrain":
             return [PackedRows(c, self.seq_len) for c in caches]
+        if self.kind == "preference":
+            return [PreferencePairs(c) for c in caches]
         return [Conversations(c) for c in caches]
 
     def setup(self, stage: str | None = None) -> None:

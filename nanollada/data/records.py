@@ -1,6 +1,8 @@
 """Reading pretrain/SFT JSON Lines (.jsonl or .jsonl.gz) as a stream, with errors that name file and line.
 
 Pretrain records: ``{"text": str, ...}``. SFT records: ``{"conversations": [{"role", "content"}, ...], ...}``.
+Preference records (MiniMind's ``dpo.jsonl``): ``{"chosen": [messages], "rejected": [messages], ...}`` sharing every
+message but the last assistant turn (``check_preference``); their split key is the first message's ``content``.
 The validation split is a pure function of the record's key text (``text``, or the first message's ``content``):
 a record is held out when the SHA-1 of that text, read as a fraction of 2**32 from its first 8 hex digits, is below
 ``val_fraction``. With ``val_fraction = 2/256`` this is exactly ../shared/data/README.md's rule (digest starts with
@@ -20,6 +22,9 @@ from typing import Any
 from nanollada.tokenizer import ROLES
 
 SHARED_VAL_FRACTION = 2 / 256
+# ../shared/data/README.md's rule for the small preference files: first hex digit of the SHA-1 is 0 or 1 (1/8).
+PREFERENCE_VAL_FRACTION = 2 / 16
+KINDS = ("pretrain", "sft", "preference")
 
 
 class DataError(ValueError):
@@ -40,10 +45,40 @@ def is_validation(key_text: str, val_fraction: float) -> bool:
     return int(digest[:8], 16) < val_fraction * 2**32
 
 
+def _check_messages(conv, name: str) -> None:
+    if not isinstance(conv, list) or not conv:
+        raise ValueError(f'missing non-empty list "{name}"')
+    for m in conv:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"bad message {str(m)[:80]!r} in {name!r}: need role in {ROLES} and string content")
+
+
+def check_preference(record: dict) -> tuple[list[dict], dict, dict]:
+    """Validate a preference pair and split it: (prompt messages, chosen answer, rejected answer).
+
+    ``chosen`` and ``rejected`` must hold the same messages but the last (the shared prompt, at least one message)
+    and each end in an assistant turn (the two answers compared); raise ValueError with the reason."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    _check_messages(chosen, "chosen")
+    _check_messages(rejected, "rejected")
+    for name, conv in (("chosen", chosen), ("rejected", rejected)):
+        if conv[-1]["role"] != "assistant":
+            raise ValueError(f'"{name}" ends in a {conv[-1]["role"]} turn, not an assistant answer')
+    if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
+        at = next((i for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])) if a != b),
+                  min(len(chosen), len(rejected)) - 1)
+        raise ValueError(f'"chosen" ({len(chosen)} messages) and "rejected" ({len(rejected)}) do not share a prompt: '
+                         f"every message but the last must be the same (first difference at message {at}; "
+                         "at least one prompt message)")
+    return chosen[:-1], chosen[-1], rejected[-1]
+
+
 def _check(record, kind: str) -> str:
     """Validate a record of ``kind`` and return its split key text; raise ValueError with the reason."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
+    if kind == "preference":
+        return check_preference(record)[0][0]["content"]
     if kind == "pretrain":
         if not isinstance(record.get("text"), str):
             raise ValueError('missing string field "text"')
@@ -130,8 +165,8 @@ def iter_records(path: str, kind: str, skip_bad_lines: bool = False,
     A malformed line raises ``DataError("path:line: reason")`` unless ``skip_bad_lines``, in which case it is
     counted in ``stats`` (with the first few reasons kept for the log). Blank lines are ignored.
     """
-    if kind not in ("pretrain", "sft"):
-        raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     for _, item in read_jsonl(path, lambda record: (_check(record, kind), record), skip_bad_lines, stats,
                               hint=" (set skip_bad_lines: true to skip and count such lines)"):
         yield item

@@ -39,6 +39,14 @@ How each family is scored (all log-likelihoods in nats; ``bos`` starts every sco
   (``Paradigm.comparison_runs`` over ``strategies``: AR once, diffusion once per strategy) through
   ``Paradigm.generate`` at temperature 0 with ``max_new_tokens`` = block = steps = the continuation's length,
   stopping at eos, with forwards and tokens per forward. The continuation's log-likelihood is reported beside it.
+- **preference** ``{"chosen", "rejected"}`` (MiniMind's ``dpo.jsonl``; ``pref-<source>`` picks the held-out pairs):
+  the prompt is the shared messages rendered with the chat template plus the open assistant header, each target a
+  last assistant turn + ``<|im_end|>`` (``data.preference.render_preference``, exactly what DPO trains on; a pair
+  longer than ``max_seq_len`` is cut with the prompt kept shared, ``truncate_pair``). Both responses are scored with
+  ``Paradigm.conditional_logprob`` (the pair as one group: diffusion's estimator scores them on shared draws).
+  ``accuracy`` is the share of pairs whose chosen response has the higher **per-token** (length-normalised)
+  log-likelihood; ``accuracy_sum`` uses the summed log-likelihood (which favours the shorter response);
+  ``margin_per_token`` is the mean chosen-minus-rejected per-token log-likelihood.
 
 In the choice and cloze families, sequences longer than ``max_seq_len`` keep ``bos``, the end of the context and the
 start of the target (counted as ``truncated`` and printed beside the score). Scoring is batched and padded
@@ -268,9 +276,31 @@ def score_cloze(loaded, task: Task, s: EvalSettings, strategies: list[str] | Non
     return out
 
 
+def score_preference(loaded, task: Task, s: EvalSettings) -> dict:
+    from nanollada.data.preference import render_preference
+    tok, max_len = loaded.tokenizer, loaded.model.cfg.max_seq_len
+    ctxs, tgts, owner, truncated = [], [], [], 0
+    for i, it in enumerate(task.items):
+        prompt, chosen, rejected, cut = render_preference(tok, it, max_len)
+        truncated += cut
+        for response in (chosen, rejected):
+            ctxs.append(prompt)
+            tgts.append(response)
+            owner.append(i)
+    lp, n = _conditional(loaded, ctxs, tgts, s, groups=owner)
+    norm = [v / max(c, 1) for v, c in zip(lp, n)]
+    N = len(task.items)
+    correct = [norm[2 * i] > norm[2 * i + 1] for i in range(N)]
+    correct_sum = [lp[2 * i] > lp[2 * i + 1] for i in range(N)]
+    return {"accuracy": sum(correct) / max(N, 1), "accuracy_sum": sum(correct_sum) / max(N, 1), "chance": 0.5,
+            "margin_per_token": sum(norm[2 * i] - norm[2 * i + 1] for i in range(N)) / max(N, 1),
+            "ties": sum(norm[2 * i] == norm[2 * i + 1] for i in range(N)), "truncated": truncated,
+            "normalisation": "per_token", "estimate": loaded.interface.estimate("preference", s)}
+
+
 SCORERS = {"perplexity": score_perplexity, "minimal_pairs": score_minimal_pairs,
            "multiple_choice": score_multiple_choice, "context_choice": score_context_choice, "cloze": score_cloze,
-           "rolling_perplexity": score_rolling_perplexity}
+           "rolling_perplexity": score_rolling_perplexity, "preference": score_preference}
 
 
 def default_cloze_strategies() -> list[str]:
@@ -348,6 +378,9 @@ def _summary(r: dict, vocab_size: int | None = None) -> str:
         if r.get("decoders"):
             text += "; per decoder: " + ", ".join(f"{k} {v['exact_match']:.1%} ({v['tokens_per_forward']:.2f} TPF)"
                                                  for k, v in r["decoders"].items())
+    elif fam == "preference":
+        text = (f"accuracy {r['accuracy']:.1%} (chosen more likely per token; summed log-likelihood "
+                f"{r['accuracy_sum']:.1%}) (chance {r['chance']:.1%})")
     else:
         text = f"accuracy {r['accuracy']:.1%}"
         if fam == "multiple_choice":
@@ -366,6 +399,9 @@ METRIC_ROWS = {
     "multiple_choice": [("accuracy", "accuracy", "{:.1%}"), ("accuracy (per-token norm.)", "accuracy_norm",
                                                                   "{:.1%}")],
     "context_choice": [("accuracy", "accuracy", "{:.1%}")],
+    "preference": [("accuracy (per-token norm.)", "accuracy", "{:.1%}"), ("accuracy (summed)", "accuracy_sum",
+                                                                          "{:.1%}"),
+                   ("margin nats/token", "margin_per_token", "{:.3f}")],
     "cloze": [("exact match", "exact_match", "{:.1%}"), ("log-lik./token", "logprob_per_token", "{:.3f}"),
               ("exact match per decoder", "decoders", "{}")],
     "rolling_perplexity": [("nats/token", "nats_per_token", "{:.3f}"), ("perplexity (token)", "ppl", "{:.2f}"),
@@ -384,7 +420,7 @@ def _cell(value, fmt: str) -> str:
 
 
 def _chance(task: dict, metric: str, checkpoints: list[dict]) -> str:
-    if metric in ("accuracy", "accuracy_norm") and task["chance"] is not None:
+    if metric in ("accuracy", "accuracy_norm", "accuracy_sum") and task["chance"] is not None:
         return f"{task['chance']:.1%}"
     vocab = {c["vocab_size"] for c in checkpoints}
     if task["family"] in ("perplexity", "rolling_perplexity") and len(vocab) == 1 and metric in ("nats_per_token",

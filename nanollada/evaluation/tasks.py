@@ -18,6 +18,8 @@ without code:
   every decoder, and its log-likelihood.
 - ``rolling_perplexity``: a ``.txt`` file (WikiText-style raw text), split into documents (:func:`split_documents`);
   token-, word- and byte-level perplexity, long documents scored in windows.
+- ``preference``: ``{"chosen", "rejected"}`` conversations sharing a prompt (MiniMind's ``dpo.jsonl``,
+  ``records.check_preference``); accuracy of the chosen response being the more likely one, length-normalised.
 
 Task arguments (``resolve_task``):
 
@@ -25,6 +27,9 @@ Task arguments (``resolve_task``):
 - ``ppl-<source>`` (e.g. ``ppl-en-gutenberg``, ``ppl-zh-modern``): the validation records of
   ``<data_root>/pretrain/<source>.jsonl.gz``; ``ppl:<file>``: the validation records of any pretrain file. The split is
   the shared SHA-1 rule (``is_validation(text, SHARED_VAL_FRACTION)``), so every model is scored on the same records;
+- ``pref-<source>`` (e.g. ``pref-dpo-en``): the held-out pairs of ``<data_root>/pref/<source>.jsonl.gz`` (the
+  preference files' rule, ``PREFERENCE_VAL_FRACTION`` = 1/8 -- the pairs DPO training never sees); ``pref:<file>``:
+  the held-out pairs of any preference file;
 - anything else is a path to a task file of any family. A ``{"text"}`` file given this way is taken as held out
   already and every record is scored.
 
@@ -45,9 +50,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanollada.data.records import SHARED_VAL_FRACTION, DataError, is_validation, iter_records, read_jsonl
+from nanollada.data.records import (PREFERENCE_VAL_FRACTION, SHARED_VAL_FRACTION, DataError, check_preference,
+                                    is_validation, iter_records, read_jsonl)
 
-FAMILIES = ("perplexity", "minimal_pairs", "multiple_choice", "context_choice", "cloze", "rolling_perplexity")
+FAMILIES = ("perplexity", "minimal_pairs", "multiple_choice", "context_choice", "cloze", "rolling_perplexity",
+            "preference")
 DEFAULT_DATA_ROOT = "../shared/data"
 GROUP_FIELD = {"minimal_pairs": "phenomenon", "multiple_choice": "subject"}
 # The blank of a ChID-style context: the choice is substituted into it.
@@ -68,7 +75,7 @@ class Task:
     @property
     def chance(self) -> float | None:
         """Accuracy of random guessing: 1/2 for minimal pairs, mean 1/len(choices) for multiple choice."""
-        if self.family == "minimal_pairs":
+        if self.family in ("minimal_pairs", "preference"):
             return 0.5
         if self.family == "multiple_choice" and self.items:
             return sum(1 / len(it["choices"]) for it in self.items) / len(self.items)
@@ -83,9 +90,10 @@ def data_root(explicit: str | None = None) -> Path:
 
 
 def known_tasks(root: Path) -> list[str]:
-    """Task names that resolve under ``root``: ``eval/<name>.jsonl.gz`` and ``ppl-<source>`` for pretrain files."""
+    """Task names that resolve under ``root``: ``eval/<name>.jsonl.gz``, ``ppl-<source>`` for pretrain files and
+    ``pref-<source>`` for preference files."""
     names = []
-    for sub, prefix in (("eval", ""), ("pretrain", "ppl-")):
+    for sub, prefix in (("eval", ""), ("pretrain", "ppl-"), ("pref", "pref-")):
         d = root / sub
         if d.is_dir():
             names += sorted(prefix + p.name[: -len(".jsonl.gz")] for p in d.glob("*.jsonl.gz"))
@@ -98,6 +106,8 @@ def detect_family(record) -> str | None:
         return None
     if "good" in record and "bad" in record:
         return "minimal_pairs"
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "choices" in record and "gold" in record and ("query" in record or "context" in record):
         return "multiple_choice"
     if "context_options" in record and "continuation" in record and "gold" in record:
@@ -155,6 +165,8 @@ def check_item(record: dict, family: str) -> dict:
         if not isinstance(record.get("context"), str):
             raise ValueError('field "context" must be a string')
         _nonempty_str(record, "continuation")
+    elif family == "preference":
+        check_preference(record)
     else:
         raise ValueError(f"unknown task family {family!r}; known: {FAMILIES}")
     return record
@@ -173,8 +185,8 @@ def iter_task_file(path: str) -> Iterator[tuple[int, str, dict]]:
                 raise ValueError(
                     f"cannot tell the task family from the fields {sorted(record)}: expected "
                     '{"text"} (perplexity), {"good","bad"} (minimal pairs), {"query" or "context","choices",'
-                    '"gold"} (multiple choice), {"context_options","continuation","gold"} (context choice) or '
-                    '{"context","continuation"} (cloze)')
+                    '"gold"} (multiple choice), {"context_options","continuation","gold"} (context choice), '
+                    '{"context","continuation"} (cloze) or {"chosen","rejected"} (preference)')
             family = fam
         elif fam != family:
             raise ValueError(f"record of family {fam} in a {family} file (family set by the first record)")
@@ -234,19 +246,24 @@ def load_task_file(path: str, name: str | None = None, limit: int | None = None)
 # before the choice). The English one is lm-evaluation-harness's "Question: ...\nAnswer:" with a space before the
 # choice; the Chinese one has no space (Chinese text has none between words).
 QUERY_TEMPLATES = {"zh": ("问题：{query}\n答案：", ""), "en": ("Question: {query}\nAnswer:", " ")}
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# Han characters, CJK radicals and CJK / full-width punctuation (evidence of Chinese text)
+_HAN = re.compile(r"[\u2e80-\u2fdf\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
+
+
+_MATH = re.compile(r"\$\$.*?\$\$|\$.*?\$|\\[A-Za-z]+", re.S)  # LaTeX: $...$, $$...$$, \commands
 
 
 def query_language(item: dict) -> str:
     """``zh`` or ``en`` for a ``query`` item: its ``"language"`` field when given, else ``zh`` when the query and
-    choices hold at least as many Han characters as Latin words (and at least one Han character), else ``en``."""
+    choices, LaTeX math removed, hold at least one Han character (or CJK punctuation) and at least half as many of
+    them as Latin words, else ``en`` (on CMMLU: 11,575 zh, 7 language-neutral formulas en)."""
     lang = item.get("language", "auto")
     if lang != "auto":
         return lang
-    text = item["query"] + " " + " ".join(item.get("choices", []))
+    text = _MATH.sub(" ", item["query"] + " " + " ".join(item.get("choices", [])))
     han = len(_HAN.findall(text))
-    return "zh" if han and han >= len(_LATIN_WORD.findall(text)) else "en"
+    return "zh" if han and 2 * han >= len(_LATIN_WORD.findall(text)) else "en"
 
 
 def query_template_notes(items: list[dict]) -> dict:
@@ -352,6 +369,17 @@ def load_perplexity_split(path: str, name: str, limit: int | None = None) -> Tas
     return Task(name, "perplexity", str(path), select_items(items, limit), len(items), {"split": "validation"})
 
 
+def load_preference_split(path: str, name: str, limit: int | None = None) -> Task:
+    """The held-out pairs of a preference file (``PREFERENCE_VAL_FRACTION``, the rule of
+    ../shared/data/README.md for its small preference files), in file order; ``limit`` of them spread evenly."""
+    if not Path(path).is_file():
+        raise DataError(f"preference file not found: {path}")
+    items = [r for key, r in iter_records(str(path), "preference") if is_validation(key, PREFERENCE_VAL_FRACTION)]
+    if not items:
+        raise DataError(f"{path}: no held-out pairs (SHA-1 split rule, fraction {PREFERENCE_VAL_FRACTION})")
+    return Task(name, "preference", str(path), select_items(items, limit), len(items), {"split": "validation"})
+
+
 def resolve_task(spec: str, root: str | Path | None = None, limit: int | None = None,
                  text_split: str = "auto") -> Task:
     """A task from a command-line argument (a known name, ``ppl-<source>``, ``ppl:<file>`` or a file path; a
@@ -362,6 +390,11 @@ def resolve_task(spec: str, root: str | Path | None = None, limit: int | None = 
     if spec.startswith("ppl:"):
         path = spec[len("ppl:"):]
         return load_perplexity_split(path, "ppl:" + name_from_path(path), limit)
+    if spec.startswith("pref:"):
+        path = spec[len("pref:"):]
+        return load_preference_split(path, "pref:" + name_from_path(path), limit)
+    if spec.startswith("pref-") and (root / "pref" / f"{spec[len('pref-'):]}.jsonl.gz").is_file():
+        return load_preference_split(str(root / "pref" / f"{spec[len('pref-'):]}.jsonl.gz"), spec, limit)
     if spec.startswith("ppl-"):
         path = root / "pretrain" / f"{spec[len('ppl-'):]}.jsonl.gz"
         if path.is_file():
@@ -379,4 +412,5 @@ def resolve_task(spec: str, root: str | Path | None = None, limit: int | None = 
     known = known_tasks(root)
     raise DataError(f"unknown task {spec!r}: not a file and not a task under the data root {root} "
                     f"(--data_root or NANOLLADA_DATA); known tasks: {', '.join(known) or 'none found'}; "
-                    "or give ppl:<pretrain file> or a path to a jsonl/jsonl.gz task file or a .txt file")
+                    "or give ppl:<pretrain file>, pref:<preference file> or a path to a jsonl/jsonl.gz task file "
+                    "or a .txt file")

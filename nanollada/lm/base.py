@@ -20,7 +20,7 @@ from torchmetrics import SumMetric
 from nanollada.checkpoint import AtomicCheckpointIO
 from nanollada.loading import LoadedModel, backbone_state, load_checkpoint, read_checkpoint  # noqa: F401
 from nanollada.model import ModelConfig, Transformer, document_attention_mask, load_matching_weights
-from nanollada.tokenizer import Tokenizer
+from nanollada.tokenizer import CHAT_KINDS, Tokenizer
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float,
@@ -105,15 +105,17 @@ class LanguageModel(L.LightningModule):
         self.eval_nll, self.eval_tokens = SumMetric().set_dtype(torch.float64), SumMetric().set_dtype(torch.float64)
 
     # ---------------------------------------------------------------- weights
-    def load_weights_from(self, path: str) -> dict[str, list[str]]:
-        """Weight-matching load of the backbone from a nanollada checkpoint; prints and returns the report."""
+    def load_weights_from(self, path: str, into: torch.nn.Module | None = None,
+                          what: str = "init_from") -> dict[str, list[str]]:
+        """Weight-matching load of a backbone (``into``, default this model's) from a nanollada checkpoint; prints
+        and returns the report (``what`` names the setting in the message)."""
         payload = read_checkpoint(path)
         theirs = payload["nanollada"]
         if theirs.get("tokenizer_fingerprint") not in (None, self.tokenizer.fingerprint()):
             raise ValueError(f"{path} was trained with another tokenizer ({theirs['tokenizer_fingerprint']}) than "
                              f"this model's ({self.tokenizer.fingerprint()}); token ids would not match")
-        report = load_matching_weights(self.model, backbone_state(payload["state_dict"]))
-        print(f"[nanollada] init_from {path} ({theirs.get('paradigm')}): {len(report['matched'])} tensors matched, "
+        report = load_matching_weights(self.model if into is None else into, backbone_state(payload["state_dict"]))
+        print(f"[nanollada] {what} {path} ({theirs.get('paradigm')}): {len(report['matched'])} tensors matched, "
               f"missing {report['missing']}, unexpected {report['unexpected']}, "
               f"shape mismatch {report['shape_mismatch']}")
         return report
@@ -250,7 +252,7 @@ class LanguageModel(L.LightningModule):
         from nanollada.paradigms import paradigm_class
         data = getattr(self.trainer, "datamodule", None)
         iface = paradigm_class(self.paradigm)(self.model, self.tokenizer,
-                                              is_chat=getattr(data, "kind", "pretrain") == "sft",
+                                              is_chat=getattr(data, "kind", "pretrain") in CHAT_KINDS,
                                               config=self.paradigm_config())
         settings = self.generation or GenerationSettings()
         return [{"index": int(i), **generate_text(iface, p, settings)} for i, p in zip(batch["index"], batch["prompt"])]
