@@ -165,7 +165,7 @@ def test_lm_eval_numbers_match_nanollada_eval(task_dir, shipped_tokenizer, causa
 def test_generate_until_matches_the_cloze_decoder_and_honours_stop_sequences(task_dir, shipped_tokenizer, causal):
     tok = shipped_tokenizer
     loaded = crafted(tok, tok.encode(" the"), causal)  # always " the"
-    lm = NanoLLaDALM(loaded=loaded, strategy="low_confidence", use_prefix_cache=False, block_length=None)
+    lm = NanoLLaDALM(loaded=loaded, strategy="low_confidence", use_prefix_cache=False, block_length=8)
     out = evaluate(lm, ["nl_gen"], include_path=str(task_dir), include_defaults=False)
     mine = evaluate_task(loaded, load_task_file(str(task_dir / "cloze.jsonl")), EvalSettings(batch_size=2),
                          strategies=["low_confidence"])

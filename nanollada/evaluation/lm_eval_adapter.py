@@ -22,7 +22,8 @@ Every request goes through the checkpoint's ``nanollada.paradigms.Paradigm``, ex
   are upper bounds); a warning says so.
 - ``generate_until(context, gen_kwargs)``: ``Paradigm.generate`` with the model arguments' ``GenerationSettings``
   (the checkpoint's paradigm defaults for the fields not given), ``max_gen_toks`` as ``max_new_tokens``, greedy
-  (temperature 0) unless the task asks for ``do_sample``/a temperature; generation stops as soon as a stop
+  (``greedy``: temperature 0, top-p and repetition penalty off unless given) unless the task asks for
+  ``do_sample``/a temperature; generation stops as soon as a stop
   sequence (``until``) appears and the text is cut before it. Prompts longer than the room left are cut from the
   left (bos kept). SFT checkpoints get the chat template unless ``chat=False``.
 
@@ -158,8 +159,8 @@ class NanoLLaDALM(LM):
         s = replace(self.generation, max_new_tokens=int(kw.get("max_gen_toks", self.max_gen_toks)))
         if "temperature" in kw and (kw.get("do_sample") or kw["temperature"]):
             s = replace(s, temperature=float(kw["temperature"]))
-        elif not kw.get("do_sample", False):
-            s = replace(s, temperature=0.0)  # lm-eval's generate_until is greedy unless the task samples
+        elif not kw.get("do_sample", False):  # lm-eval's generate_until is greedy unless the task samples
+            s = replace(s, temperature=0.0, **({"greedy": True} if hasattr(s, "greedy") else {}))
         return s
 
     @torch.no_grad()
@@ -186,7 +187,7 @@ class NanoLLaDALM(LM):
                 return any(u in text for u in until)
 
             g = self.iface.generate(ids, s, on_step=on_step)
-            text = self.tok.decode(g.tokens)
+            text = self.tok.decode(g.tokens[: s.max_new_tokens])  # a diffusion canvas may round up to whole blocks
             cuts = [text.index(u) for u in until if u in text]
             text = text[: min(cuts)] if cuts else text
             self.cache_hook.add_partial("generate_until", req.args, text)
