@@ -47,7 +47,9 @@ class GenerationSettings:
         strategy: Diffusion: ``low_confidence`` / ``random`` (LLaDA, fixed steps), ``threshold`` (Fast-dLLM),
             ``threshold_topk`` (v0.1.0 report: threshold + top-k + decode budget); None = the paradigm's default.
         steps: Diffusion: forwards per block for the fixed-step strategies.
-        block_length: Diffusion: semi-autoregressive block length (None = one block of max_new_tokens).
+        block_length: Diffusion: semi-autoregressive block length (masked diffusion) or decode block (block
+            diffusion); None = the paradigm's default (32; block diffusion: the block size it was trained with). One
+            block of the whole answer: ``--block_length`` = ``--max_new_tokens``.
         threshold: Diffusion: confidence threshold tau of ``threshold`` / ``threshold_topk``.
         commit_top_k: Diffusion: at most this many commits per step in ``threshold_topk``.
         budget: Diffusion: cap on forwards for ``threshold_topk`` (None = no cap).
@@ -82,7 +84,7 @@ class GenerationSettings:
     use_kv_cache: bool = True
     strategy: Literal["low_confidence", "random", "threshold", "threshold_topk"] | None = None
     steps: int | None = None
-    block_length: int | None = 32
+    block_length: int | None = None
     threshold: float = 0.9
     commit_top_k: int = 4
     budget: int | None = None
@@ -120,7 +122,7 @@ class GenerationSettings:
         if self.steps is not None and self.steps < 1:
             bad("steps", self.steps, ">= 1, or null for one step per block position")
         if self.block_length is not None and self.block_length < 1:
-            bad("block_length", self.block_length, ">= 1, or null for one block")
+            bad("block_length", self.block_length, ">= 1, or null for the paradigm's default")
         if not 0 <= self.threshold <= 1:
             bad("threshold", self.threshold, "[0, 1]")
         if self.commit_top_k < 1:
@@ -174,7 +176,8 @@ class GenerationSettings:
         return replace(self, **changes)
 
 
-PARADIGM_DEFAULT_FIELDS = ("temperature", "top_p", "repetition_penalty", "strategy", "use_prefix_cache")
+PARADIGM_DEFAULT_FIELDS = ("temperature", "top_p", "repetition_penalty", "strategy", "use_prefix_cache",
+                           "block_length")
 
 
 def _check_type(name: str, value, hint):

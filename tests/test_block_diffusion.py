@@ -208,7 +208,7 @@ def test_sft_logs_cap_and_decodes_through_predict_compare_eval(bd_runs):
     assert scalars(work / "sft" / "logs" / "sft" / "version_0", "train/cap_entropy")
     out = work / "p.jsonl"
     r = run_cli(["predict", "--ckpt", sft, "--prompt", "Name three colours.", "--max_new_tokens", "16",
-                 "--strategy", "threshold", "--threshold", "0.9", "--block_length", "16", "--output", out], work)
+                 "--strategy", "threshold", "--threshold", "0.9", "--output", out], work)  # block: the trained 16
     check_ok(r, "predict")
     rec = json.loads(out.read_text().splitlines()[0])
     assert rec["paradigm"] == "block_diffusion" and rec["block_length"] == 16

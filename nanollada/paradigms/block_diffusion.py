@@ -84,9 +84,14 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
         return f"block_elbo_b{self.block_size}_{s.samples}_samples"
 
     # ------------------------------------------------------------------ generation
+    def default_generation(self) -> dict:
+        """LLaDA 2.0's decoding: confidence-threshold commits (tau from ``threshold``) in blocks of the trained size,
+        greedy, with the exact cache of finished blocks (``use_kv_cache``)."""
+        return {**super().default_generation(), "block_length": self.block_size, "use_prefix_cache": False}
+
     def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
         tok = self.tokenizer
-        block = settings.block_length or self.block_size
+        block = settings.block_length
         G = canvas_length(len(prompt_ids), settings.max_new_tokens, block, self.model.cfg.max_seq_len)
         g = torch.Generator(device=self.device).manual_seed(settings.seed)
         step_cb = None if on_step is None else (lambda canvas: on_step(canvas[0].tolist()))
@@ -105,6 +110,8 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
         extra = {"steps_per_block": out.steps_per_block, "block_length": block}
         if editing:
             extra.update(editing=settings.editing, edits=out.edits, tau_mask=editing[0], tau_edit=editing[1])
-        return Generation(tokens=self.cut_at_stop(out.generated[0].tolist()), produced=G, forwards=out.forwards,
+        # the canvas ends on a block boundary; the answer keeps at most max_new_tokens of it
+        answer = self.cut_at_stop(out.generated[0].tolist())[: settings.max_new_tokens]
+        return Generation(tokens=answer, produced=G, forwards=out.forwards,
                           first_token_seconds=out.first_round_seconds, seconds=out.seconds, extra=extra,
                           trace=[c[0] for c in out.trace], stopped_early=out.stopped_early)
