@@ -113,12 +113,16 @@ class ChatSession:
                          f"{want} new tokens (max_seq_len={self.max_seq_len})")
         return ids, notes
 
-    def answer(self, user_text: str, on_step: Callable[[list[int]], bool | None] | None = None
-               ) -> tuple[dict, GenerationSettings]:
-        """Generate the answer to ``user_text`` (``on_step`` as in ``Paradigm.generate``); returns the record and
-        the settings used. The caller records the turn with :meth:`commit`."""
+    def prepare(self, user_text: str) -> tuple[list[int], GenerationSettings, list[str]]:
+        """(prompt ids, the settings the answer will use, notes) for the next answer to ``user_text``."""
         ids, notes = self.render(user_text)
-        settings = fit_to_context(self.max_seq_len, len(ids), self.resolved())
+        return ids, fit_to_context(self.max_seq_len, len(ids), self.resolved()), notes
+
+    def answer(self, user_text: str, on_step: Callable[[list[int]], bool | None] | None = None,
+               prepared: tuple | None = None) -> tuple[dict, GenerationSettings]:
+        """Generate the answer to ``user_text`` (``on_step`` as in ``Paradigm.generate``; ``prepared``: what
+        :meth:`prepare` returned); returns the record and the settings used. Record the turn with :meth:`commit`."""
+        ids, settings, notes = prepared or self.prepare(user_text)
         rec = generate_text(self.iface, user_text, settings, on_step=on_step, prompt_ids=ids, return_ids=True)
         rec["notes"] = notes + rec.get("notes", [])
         return rec, settings
@@ -194,6 +198,11 @@ class ChatREPL:
         self.interactive = inp.isatty()
         self.show_denoising = show_denoising and session.iface.supports_trace
         self.stop = threading.Event()
+        if self.interactive:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
 
     def say(self, text: str) -> None:
         self.out.write((f"\x1b[2m{text}\x1b[0m" if self.tty else text) + "\n")
@@ -315,24 +324,29 @@ class ChatREPL:
     # ------------------------------------------------------------------ one answer
     def respond(self, text: str) -> None:
         s = self.s
-        r = s.resolved()
-        block = r.block_length or getattr(s.iface, "block_size", None)
+        try:
+            prepared = s.prepare(text)
+        except ValueError as e:
+            self.say(f"[error] {e}")
+            return
+        block = prepared[1].block_length or getattr(s.iface, "block_size", None)
         stream = TextStream(s.tok, stop_ids=s.iface.stop_ids(), block_length=block)
         view = CanvasView(s.tok, self.out, self.tty) if self.show_denoising else None
-        self.out.write("bot> " if s.is_chat else "bot> …")
-        if view:
-            self.out.write("\n")
-        self.out.flush()
+        for note in prepared[2]:  # history dropped, answer capped: said before the answer
+            self.say(f"[note] {note}")
+        head = "bot> " if s.is_chat else "bot> …"
+        if view is None:
+            self.out.write(head)
+            self.out.flush()
         self.stop.clear()
 
         def on_step(tokens: list[int]) -> bool:
+            delta = stream.update(tokens)
             if view is not None:
                 view.draw(tokens)
-            else:
-                delta = stream.update(tokens)
-                if delta:
-                    self.out.write(printable(delta))
-                    self.out.flush()
+            elif delta:
+                self.out.write(printable(delta))
+                self.out.flush()
             return self.stop.is_set()
 
         previous = signal.getsignal(signal.SIGINT)
@@ -345,7 +359,7 @@ class ChatREPL:
         signal.signal(signal.SIGINT, interrupt)
         start = time.perf_counter()
         try:
-            rec, _ = s.answer(text, on_step)
+            rec, _ = s.answer(text, on_step, prepared)
         except KeyboardInterrupt:
             self.out.write("\n")
             self.say("[interrupted]")
@@ -357,18 +371,15 @@ class ChatREPL:
         finally:
             signal.signal(signal.SIGINT, previous)
         stopped = bool(rec.get("stopped_early"))
+        tail = "" if stopped else stream.finish(rec["completion_ids"])
+        answer = stream.emitted
         if view is not None:
             view.clear()
-            answer = stream.emitted if stopped else rec["completion"]
-            if self.tty:
-                self.out.write("bot> ")
-            self.out.write(printable(answer))
+            self.out.write(head + printable(answer))
         else:
-            if not stopped:
-                self.out.write(printable(stream.finish(rec["completion_ids"])))
-            answer = stream.emitted
+            self.out.write(printable(tail))
         self.out.write("\n")
-        for note in rec.get("notes", []):
+        for note in rec.get("notes", [])[len(prepared[2]):]:
             self.say(f"[note] {note}")
         s.commit(text, answer, rec)
         wall = time.perf_counter() - start

@@ -5,8 +5,8 @@ with masks (``tokenizer.mask_id``). :class:`TextStream` turns those reports into
 taken back:
 
 - AR: every token is final, the text grows token by token;
-- diffusion: only whole blocks without masks are final (a paradigm may still change a block while it has masks,
-  e.g. an editing decoder), so text arrives block by block;
+- diffusion: a block is final once decoding has moved on to a later block (a decoder may still change the block
+  it is working on, masks or not: LLaDA 2.1 editing), so text arrives block by block;
 - the answer ends at the first stop id (eos, ``<|im_end|>``) and at the first stop string (OpenAI's ``stop``);
 - text that may still change is held back: a trailing incomplete UTF-8 character (byte-fallback pieces decode to
   U+FFFD until the character is complete) and a tail that could be the start of a stop string.
@@ -38,6 +38,7 @@ class TextStream:
     limit: int | None = None
     emitted: str = ""
     reason: str | None = None  # why the text ended early: "stop" (stop id / stop string) or "length" (limit)
+    revised: bool = False  # the final text did not extend the streamed one (a decoder rewrote a settled block)
     _tokens: list = field(default_factory=list)
 
     @property
@@ -48,10 +49,15 @@ class TextStream:
     def settle(self, tokens: list[int], final: bool = False) -> tuple[list[int], str | None]:
         """(the part of ``tokens`` that can no longer change, cut before the first stop id and at ``limit``; the
         reason it was cut, if it was)."""
-        end = len(tokens)
-        if not final and self.tokenizer.mask_id in tokens:
-            first = tokens.index(self.tokenizer.mask_id)
-            end = first - first % self.block_length if self.block_length else 0
+        end, mask = len(tokens), self.tokenizer.mask_id
+        if not final and mask in tokens:
+            first = tokens.index(mask)
+            if self.block_length:  # blocks before the one being decoded (that one may still be edited)
+                last = max((i for i, t in enumerate(tokens) if t != mask), default=-1)
+                L = self.block_length
+                end = min(first - first % L, max(last, 0) - max(last, 0) % L)
+            else:
+                end = 0
         for i in range(end):
             if tokens[i] in self.stop_ids:
                 if self.limit is not None and i > self.limit:
@@ -114,7 +120,8 @@ class TextStream:
         return text[:keep]
 
     def _advance(self, text: str) -> str:
-        if not text.startswith(self.emitted):  # settled text never changes; never take text back regardless
+        if not text.startswith(self.emitted):  # settled text does not change; if a decoder did change it anyway,
+            self.emitted, self.revised = text, True  # the final text wins (streamed text cannot be taken back)
             return ""
         delta = text[len(self.emitted):]
         self.emitted = text

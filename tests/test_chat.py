@@ -130,8 +130,12 @@ def test_text_stream_settles_blocks_and_stop_strings(shipped_tokenizer):
     a, b = tok.encode("Hello world"), tok.encode(" and more")
     s = TextStream(tok, stop_ids={tok.eos_id}, block_length=len(a))
     assert s.update(a[:1] + [M] * (len(a) - 1) + [M] * len(b)) == ""  # block one still has masks
-    assert s.update(a + [M] * len(b)) == "Hello world"
+    assert s.update(a + [M] * len(b)) == ""  # complete, but still the block being decoded (edits may come)
+    assert s.update(a + b[:1] + [M] * (len(b) - 1)) == "Hello world"  # decoding moved on: block one is final
     assert s.update(a + b[:-1] + [M]) == "" and s.finish(a + b) == " and more" and s.reason is None
+    s = TextStream(tok, block_length=len(a))
+    s.update(a + b[:1] + [M] * (len(b) - 1))
+    assert s.finish(b + b) == "" and s.revised and s.text == tok.decode(b + b)  # a rewrite: the final text wins
     s = TextStream(tok, stop_ids={tok.eos_id}, stop_strings=("wor",))
     assert s.update(tok.encode("Hello w")) == "Hello "  # "w" could start the stop string: held back
     assert s.update(tok.encode("Hello world")) == "" and s.stopped and s.text == "Hello "

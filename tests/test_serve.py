@@ -341,3 +341,18 @@ def test_serve_command_runs_the_server(server, tmp_path):
     from nanollada.commands import COMMANDS
     with pytest.raises(SystemExit, match="checkpoint not found"):  # one line, no traceback
         COMMANDS["serve"](["--ckpt", str(tmp_path / "missing.ckpt")])
+
+
+def test_load_test_script_runs_bounded_and_clean(server, tmp_path):
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("serve_load", REPO / "benchmarks" / "serve_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--url", server[0].url, "--clients", "3", "--requests", "2", "--max-tokens", "6",
+                    "--json", str(tmp_path / "load.json")])
+    assert out["requests"] == 6 and out["errors"] == 0 and out["mixed_outputs"] == 0
+    assert out["requests_per_s"] > 0 and out["p95_s"] >= out["p50_s"] > 0
+    assert set(out["models"]) == {"ar", "dm", "pre"}
+    with pytest.raises(SystemExit, match="loopback"):
+        mod.main(["--url", "http://10.0.0.1:8000"])
