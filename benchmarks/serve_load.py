@@ -2,8 +2,8 @@
 
     python benchmarks/serve_load.py --ckpt logs/tiny_ar_sft/checkpoints/last.ckpt --clients 8 --requests 20
 
-Starts the server in this process on a free loopback port (or targets ``--url http://127.0.0.1:PORT`` of a running
-one: loopback addresses only), sends ``clients x requests`` chat completions (every other one streaming, each with
+Starts ``nanollada serve`` as a subprocess on a free loopback port (or targets ``--url http://127.0.0.1:PORT`` of a
+running one: loopback addresses only), sends ``clients x requests`` chat completions (every other one streaming, each with
 its own prompt and seed, spread over the served models), then replays every request alone, one at a time, and
 compares texts: a request whose concurrent text differs from its solo text is a *mixed output*. Prints requests/s,
 latency p50 / p95 / max, completion tokens/s, errors and mixed outputs as a markdown row (``--json`` for all of it).
@@ -15,10 +15,15 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import statistics
+import os
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=20, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process server")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server process")
     ap.add_argument("--json", default=None, help="write every number (and per-request latencies) here")
     a = ap.parse_args(argv)
     if a.clients < 1 or a.requests < 1 or a.clients * a.requests > 10_000:
@@ -89,13 +94,45 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if not a.ckpt:
             raise SystemExit("give --ckpt PATH (one or more) or --url of a running server")
-        import torch
-        torch.set_num_threads(a.threads)
-        from nanollada.generate import GenerationSettings
-        from nanollada.serve import build_app, start_server
-        server = start_server(build_app(a.ckpt, GenerationSettings(max_new_tokens=a.max_tokens),
-                                        workers=a.clients))
-        host, port = server.host, server.port
+        server, host, port = start_serve(a.ckpt, a.max_tokens, a.threads)
+    try:
+        return run(a, host, port)
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def start_serve(ckpts: list[str], max_tokens: int, threads: int) -> tuple[subprocess.Popen, str, int]:
+    """``nanollada serve`` in its own process on a free 127.0.0.1 port (so clients and server do not share a GIL)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [sys.executable, "-m", "nanollada", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--max_new_tokens", str(max_tokens)]
+    for c in ckpts:
+        args += ["--ckpt", c]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log = tempfile.TemporaryFile(mode="w+")  # the server's output, read back only if it fails to start
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"nanollada serve exited: {log.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc, "127.0.0.1", port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("nanollada serve did not come up within 300 s")
+
+
+def run(a, host: str, port: int) -> dict:
     conn = http.client.HTTPConnection(host, port, timeout=30)
     conn.request("GET", "/v1/models")
     models = [m["id"] for m in json.loads(conn.getresponse().read())["data"]]
@@ -150,8 +187,6 @@ def main(argv: list[str] | None = None) -> dict:
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({**out, "latencies_s": lat}, fh, indent=1)
-    if server:
-        server.stop()
     return out
 
 

@@ -393,18 +393,18 @@ def serve_command(argv: list[str]) -> None:
     import uvicorn
     parser = _settings_parser("nanollada serve", serve_command.__doc__ + ". The generation flags are the server's "
                               "defaults; each request may override temperature, top_p, max_tokens, seed, stop and, "
-                              'under "nanollada": {...}, any other setting. Requests to one model wait for its lock '
-                              "(one at a time); different models run side by side.", prompts=False)
+                              'under "nanollada": {...}, any other setting. Each model has a queue: its requests are '
+                              "answered one at a time in arrival order; different models run side by side.",
+                              prompts=False)
     parser.add_argument("--ckpt", action="append", type=str, required=True,
                         help="checkpoint to serve, as PATH or NAME=PATH (repeat for several; the model id is NAME, "
                              "else the run directory, e.g. tiny_ar_sft)")
     parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind (0.0.0.0: all interfaces)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
-    parser.add_argument("--workers", type=int, default=8, help="threads that run generations (all models)")
     cfg = parser.parse_args(argv)
     settings = _settings(cfg)
     try:
-        app = build_app(cfg.ckpt, settings, _device(cfg.device), cfg.workers)
+        app = build_app(cfg.ckpt, settings, _device(cfg.device))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
     for m in app.state.models.values():

@@ -27,8 +27,7 @@ def server(tmp_path_factory):
     from nanollada.generate import GenerationSettings
     from nanollada.serve import build_app, start_server
     ck = trained(tmp_path_factory)
-    app = build_app([f"ar={ck['ar']}", f"dm={ck['dm']}", f"pre={ck['pre']}"], GenerationSettings(max_new_tokens=24),
-                    workers=8)
+    app = build_app([f"ar={ck['ar']}", f"dm={ck['dm']}", f"pre={ck['pre']}"], GenerationSettings(max_new_tokens=24))
     srv = start_server(app)
     yield srv, app, ck
     srv.stop()
@@ -218,6 +217,13 @@ BAD = [
      400, "stop", ""),
     ("stream with two prompts", "/v1/completions", {"model": "pre", "prompt": ["a", "b"], "stream": True}, 400,
      "prompt", "one prompt"),
+    ("logit_bias", "/v1/chat/completions", {"model": "ar", "messages": MSG, "logit_bias": {"5": 1}}, 400,
+     "logit_bias", "not supported"),
+    ("image content", "/v1/chat/completions", {"model": "ar", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, None, ""),
+    ("budget below the blocks (found while decoding)", "/v1/chat/completions", {
+        "model": "dm", "messages": MSG, "max_tokens": 16, "nanollada": {"strategy": "threshold_topk", "budget": 1,
+                                                                       "block_length": 8}}, 400, None, "budget"),
 ]
 
 
@@ -230,6 +236,19 @@ def test_bad_input_gets_an_openai_shaped_4xx(server, what, path, body, status, p
     assert message in err["message"], err
     if param is not None:
         assert err["param"] == param, err
+
+
+def test_an_error_found_while_streaming_ends_the_stream_with_an_error_event(server, client):
+    status, body = raw(server, "POST", "/v1/chat/completions", {
+        "model": "dm", "messages": MSG, "max_tokens": 16, "stream": True,
+        "nanollada": {"strategy": "threshold_topk", "budget": 1, "block_length": 8}})
+    events = [e[6:] for e in body.split("\n\n") if e.startswith("data: ")]
+    assert status == 200 and events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert "budget" in err["message"] and err["type"] == "invalid_request_error"
+    with pytest.raises(openai.APIError, match="budget"):  # the openai client raises it
+        list(client.chat.completions.create(model="dm", messages=MSG, max_tokens=16, stream=True, extra_body={
+            "nanollada": {"strategy": "threshold_topk", "budget": 1, "block_length": 8}}))
 
 
 def test_wrong_methods_urls_and_sizes(server, client):

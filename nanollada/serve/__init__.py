@@ -5,7 +5,8 @@
 - ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` as server-sent events
   ending in ``data: [DONE]``); nanollada's decoding fields under ``"nanollada": {...}`` (``protocol``);
 - ``GET /``: the chat page (``static/``), two models side by side, the diffusion canvas animated;
-- one lock per model (``engine``); FastAPI + uvicorn, installed with ``pip install -e ".[serve]"``.
+- a queue per model: requests to one model are answered one at a time in arrival order, different models side by
+  side (``app``, ``engine``); FastAPI + uvicorn, installed with ``pip install -e ".[serve]"``.
 
 :func:`start_server` runs the app in a background thread (tests, ``benchmarks/serve_load.py``).
 """
@@ -27,7 +28,7 @@ def require_serve_extra() -> None:
                          'pip install -e ".[serve]"') from None
 
 
-def build_app(paths: list[str], settings, device: str = "cpu", workers: int = 8, names: list[str] | None = None):
+def build_app(paths: list[str], settings, device: str = "cpu"):
     """Load every checkpoint and return the FastAPI app serving them. ``paths`` entries may be ``NAME=PATH``."""
     from nanollada.loading import load_checkpoint
     from nanollada.serve.app import create_app
@@ -42,7 +43,7 @@ def build_app(paths: list[str], settings, device: str = "cpu", workers: int = 8,
             name, k = f"{base}-{k}", k + 1
         seen.add(name)
         served.append(ServedModel(name, load_checkpoint(path, device), settings))
-    return create_app(served, workers=workers)
+    return create_app(served)
 
 
 class ServerThread:

@@ -3,8 +3,10 @@
 
 Every request body is read and validated here before anything starts (``protocol``), so bad input is a 4xx with
 OpenAI's ``{"error": {...}}`` body and the status it deserves; a stream that fails after its headers were sent
-ends with an ``{"error": ...}`` event and ``[DONE]``. Generation runs in a thread pool (``engine``: one lock per
-model); a client that disconnects stops its generation at the next step.
+ends with an ``{"error": ...}`` event and ``[DONE]``. Each model has a queue: one worker thread of its own takes
+its requests in arrival order (and a first-come-first-served lock in ``engine`` guards the model), so different
+models answer side by side and one model never runs two requests at once; a client that disconnects stops its
+generation at the next step (or, still queued, it never starts).
 """
 
 from __future__ import annotations
@@ -38,20 +40,21 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(models: list[ServedModel], workers: int = 8) -> FastAPI:
-    """The server application over ``models`` (ids must be unique); ``workers`` threads run generations."""
+def create_app(models: list[ServedModel]) -> FastAPI:
+    """The server application over ``models`` (ids must be unique)."""
     by_id = {m.id: m for m in models}
     if len(by_id) != len(models):
         raise ValueError(f"model ids must be unique, got {[m.id for m in models]}")
-    pool = ThreadPoolExecutor(max_workers=max(workers, len(models)), thread_name_prefix="nanollada-gen")
+    pools = {m.id: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nanollada-{m.id}") for m in models}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        pool.shutdown(wait=False, cancel_futures=True)
+        for pool in pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="nanollada", docs_url="/docs", redoc_url=None, lifespan=lifespan)
-    app.state.models, app.state.pool = by_id, pool
+    app.state.models, app.state.pools = by_id, pools
     static = {name: resources.files("nanollada.serve").joinpath("static", name).read_bytes() for name in STATIC}
 
     @app.exception_handler(APIError)
@@ -167,8 +170,8 @@ def create_app(models: list[ServedModel], workers: int = 8) -> FastAPI:
                 "nanollada": results[0].stats if len(results) == 1 else [r.stats for r in results]}
 
     async def run_watching(request: Request, model: ServedModel, job: Job) -> Result | None:
-        """Run a job in the pool; cancel it if the client disconnects meanwhile."""
-        fut = asyncio.get_running_loop().run_in_executor(pool, model.run, job)
+        """Run a job in its model's queue; cancel it if the client disconnects meanwhile."""
+        fut = asyncio.get_running_loop().run_in_executor(pools[model.id], model.run, job)
         try:
             while True:
                 done, _ = await asyncio.wait({fut}, timeout=0.25)
@@ -186,7 +189,7 @@ def create_app(models: list[ServedModel], workers: int = 8) -> FastAPI:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job.on_event = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
-        fut = loop.run_in_executor(pool, model.run, job)
+        fut = loop.run_in_executor(pools[model.id], model.run, job)
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, {"type": "end"}))
         obj = "chat.completion.chunk" if chat else "text_completion"
 

@@ -1,8 +1,8 @@
 """The models behind ``nanollada serve``: prompts, settings, and generation serialised by one lock per model.
 
-Concurrency: every served model has its own ``threading.Lock``. A request runs in a worker thread, waits for its
-model's lock, generates, and releases it; so one model answers one request at a time (in arrival order, roughly:
-``Lock`` is not strictly fair) while different models run side by side. Nothing is shared between two requests but
+Concurrency: every served model has its own first-come-first-served lock (:class:`FifoLock`). A request runs in a
+worker thread, waits for its model's lock, generates, and releases it; so one model answers one request at a time,
+in arrival order (no request can be overtaken indefinitely), while different models run side by side. Nothing is shared between two requests but
 the weights: each has its own seeded generator, KV cache and output buffers, so a request's text is the same
 whether it ran alone or among others. A request whose client went away stops at its next step (``on_step``
 returns True) or, still waiting for the lock, never starts.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,42 @@ from typing import Callable
 from nanollada.generate import GenerationSettings, generate_text
 from nanollada.serve.protocol import EXCLUDED_SETTINGS, APIError
 from nanollada.streaming import TextStream, canvas_changes, fit_to_context
+
+
+class FifoLock:
+    """A lock granted in arrival order; a waiter whose ``cancelled`` event is set leaves the queue."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queue: deque = deque()
+        self._held = False
+
+    def acquire(self, cancelled: threading.Event | None = None, poll: float = 0.05) -> bool:
+        """Wait for the lock in turn; False (without it) if ``cancelled`` is set first."""
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            try:
+                while self._held or self._queue[0] is not me:
+                    if cancelled is not None and cancelled.is_set():
+                        return False
+                    self._cond.wait(poll)
+                self._held = True
+                return True
+            finally:
+                self._queue.remove(me)
+                self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def locked(self) -> bool:
+        return self._held
+
+    def waiting(self) -> int:
+        return len(self._queue)
 
 
 @dataclass
@@ -72,7 +109,7 @@ class ServedModel:
         self.id, self.loaded, self.iface = model_id, loaded, loaded.interface
         self.tok = self.iface.tokenizer
         self.settings = settings
-        self.lock = threading.Lock()
+        self.lock = FifoLock()
         self.created = int(time.time())
         # requests answered, and those stopped because their client went away (with the forwards they had run)
         self.counters = {"completed": 0, "cancelled": 0, "cancelled_forwards": []}
@@ -161,9 +198,8 @@ class ServedModel:
         """Generate ``job`` (in a worker thread): wait for this model's lock, stream events, return the result;
         None when the client went away first."""
         queued = time.perf_counter()
-        while not self.lock.acquire(timeout=0.05):
-            if job.cancelled.is_set():
-                return None
+        if not self.lock.acquire(job.cancelled):
+            return None
         try:
             if job.cancelled.is_set():
                 return None

@@ -80,7 +80,7 @@ class Sampling(Strict):
     user: str | None = None
     presence_penalty: Literal[0, 0.0] | None = None
     frequency_penalty: Literal[0, 0.0] | None = None
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: None = None
     nanollada: dict[str, Any] | None = None
 
     def stops(self) -> tuple[str, ...]:
