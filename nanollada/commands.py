@@ -367,7 +367,8 @@ def chat_command(argv: list[str]) -> None:
     from nanollada.chat import ChatREPL, ChatSession
     parser = _settings_parser("nanollada chat", chat_command.__doc__ + ". Settings left null take the paradigm's "
                               "defaults (AR: temperature 0.7, top-p 0.9, repetition penalty 1.1; diffusion: "
-                              "threshold decoding with the prefix cache); --greedy true decodes deterministically.",
+                              "threshold decoding with the prefix cache at temperature 1); --greedy true decodes "
+                              "deterministically.",
                               prompts=False)
     parser.add_argument("--ckpt", type=str, required=True, help="a nanollada checkpoint (.ckpt)")
     parser.add_argument("--system", type=str | None, default=None, help="system prompt (chat checkpoints)")

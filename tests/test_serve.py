@@ -65,7 +65,8 @@ def test_models_lists_every_checkpoint_with_its_paradigm(server, client):
     assert (info["ar"]["paradigm"], info["dm"]["paradigm"]) == ("ar", "diffusion")
     assert info["ar"]["chat"] and not info["pre"]["chat"] and info["dm"]["canvas"] and not info["ar"]["canvas"]
     assert info["ar"]["defaults"]["temperature"] == 0.7 and info["dm"]["defaults"]["strategy"] == "threshold"
-    assert info["dm"]["defaults"]["use_prefix_cache"] is True and info["ar"]["max_seq_len"] == MAX_SEQ_LEN
+    assert info["dm"]["defaults"]["use_prefix_cache"] is True and info["dm"]["defaults"]["temperature"] == 1.0
+    assert info["ar"]["max_seq_len"] == MAX_SEQ_LEN and info["ar"]["defaults"]["repetition_penalty"] == 1.1
     assert raw(server, "GET", "/v1/models/dm")[1]["id"] == "dm"
 
 

@@ -112,7 +112,7 @@ def test_page_shows_two_models_side_by_side_and_animates_the_canvas(page, tmp_pa
     tools, srv = page
     heads = tools.js("[...document.querySelectorAll('.pane h2')].map(h => h.textContent)")
     assert heads[0].startswith("ar") and "ar ·" in heads[0] and "temperature 0.7" in heads[0]
-    assert heads[1].startswith("dm") and "diffusion" in heads[1] and "threshold + prefix cache" in heads[1]
+    assert heads[1].startswith("dm") and "diffusion" in heads[1] and "threshold + prefix cache, block 32, temperature 1" in heads[1]
     tools.js("""(() => { const set = (id, v) => { document.getElementById(id).value = v; };
       set('seed', 3); set('max-tokens', 24); set('strategy', 'low_confidence'); set('block-length', 24);
       set('frame-delay', 40); document.getElementById('settings').open = true;

@@ -54,7 +54,8 @@ function layout() {
     if (!m) { h.textContent = ""; continue; }
     const n = m.nanollada;
     const d = n.defaults;
-    const how = n.canvas ? `${d.strategy}${d.use_prefix_cache ? " + prefix cache" : ""}, block ${d.block_length}`
+    const how = n.canvas ? `${d.strategy}${d.use_prefix_cache ? " + prefix cache" : ""}, block ${d.block_length}, ` +
+      `temperature ${d.temperature}`
       : `temperature ${d.temperature}, top-p ${d.top_p}, repetition penalty ${d.repetition_penalty}`;
     h.innerHTML = "";
     h.append(m.id);
