@@ -236,6 +236,7 @@ async function ask(p, text) {
   msg.appendChild(statsEl);
   const body = requestBody(m, text, p.history);
   const canvas = body.nanollada && body.nanollada.canvas ? new Canvas(msg) : null;
+  if (canvas) textEl.hidden = true;  // the canvas shows the answer forming; the text follows once it has played
   let answer = "", usage = null, stats = null, finish = null;
   p.controller = new AbortController();
   try {
@@ -295,6 +296,7 @@ async function ask(p, text) {
     canvas.el.appendChild(controls);
     await new Promise((resolve) => { canvas.onIdle = resolve; if (!canvas.timer) resolve(); });
     canvas.el.dataset.played = "1";
+    textEl.hidden = false;
   }
   msg.dataset.complete = "1";
 }
