@@ -116,8 +116,8 @@ def test_tiny_pipeline_end_to_end_then_skips(tmp_path):
         marker = json.loads((root / stage / "done.json").read_text())
         assert marker["steps"] == 4
         ckpt = torch.load(root / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-        assert ckpt["global_step"] == 4 and ckpt["nanollada"]["paradigm"] == ("diffusion" if "diffusion" in stage
-                                                                              else "ar")
+        assert ckpt["global_step"] == 4 and ckpt["nanollada"]["paradigm"] == (
+            "block_diffusion" if stage.startswith("block_diffusion") else "diffusion" if "diffusion" in stage else "ar")
         assert (root / stage / "tensorboard").is_dir()
     assert "init_from" in (root / "diffusion_from_ar" / "train.log").read_text()
     val = json.loads((root / "validate" / "validate.json").read_text())
