@@ -87,7 +87,8 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
     def default_generation(self) -> dict:
         """LLaDA 2.0's decoding: confidence-threshold commits (tau from ``threshold``) in blocks of the trained size,
         greedy, with the exact cache of finished blocks (``use_kv_cache``)."""
-        return {**super().default_generation(), "block_length": self.block_size, "use_prefix_cache": False}
+        return {**super().default_generation(), "temperature": 0.0, "block_length": self.block_size,
+                "use_prefix_cache": False}
 
     def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
         tok = self.tokenizer
