@@ -102,6 +102,21 @@ def test_preference_kind_splits_pairs_by_the_readme_rule_and_collates_per_paradi
                        items[0]["rejected"]["tokens"][~items[0]["rejected"]["loss_mask"]])  # one prompt
 
 
+@pytest.mark.parametrize("cls, kind, files", [(ARDPO, "sft", [DATA / "sft.jsonl"]), (None, "preference", [DPO_DATA])])
+def test_pairs_go_to_dpo_modules_only(tmp_path, cls, kind, files):
+    import lightning as L
+
+    from nanollada.data.datamodule import LMDataModule
+    from nanollada.lm import ARLM
+    model = (cls or ARLM)(preset="tiny", max_seq_len=64, schedule="constant")
+    data = LMDataModule([str(f) for f in files], kind=kind, seq_len=32, batch_size=2, val_fraction=0.125,
+                        cache_dir=str(tmp_path / "cache"))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, use_distributed_sampler=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="set data.kind: preference" if cls else "does not train on preference"):
+        trainer.fit(model, data)
+
+
 # ---------------------------------------------------------------------------------------------- the loss
 def tiny(cls, **kw):
     torch.manual_seed(0)

@@ -282,7 +282,7 @@ def score_preference(loaded, task: Task, s: EvalSettings) -> dict:
     ctxs, tgts, owner, truncated = [], [], [], 0
     for i, it in enumerate(task.items):
         prompt, chosen, rejected, cut = render_preference(tok, it, max_len)
-        truncated += cut
+        truncated += 2 * cut  # sequences, as the other families count them
         for response in (chosen, rejected):
             ctxs.append(prompt)
             tgts.append(response)

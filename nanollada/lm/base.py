@@ -77,6 +77,7 @@ class LanguageModel(L.LightningModule):
     causal: bool = True
     paradigm: str = "base"
     collate_cls = None
+    consumes_pairs: bool = False  # trains on preference pairs (data.kind: preference; the DPO modules of lm/dpo.py)
     flops_per_batch: int | None = None  # training FLOPs of the current batch, read by ThroughputMonitor
 
     def __init__(self, preset: Literal["tiny", "small", "base"] = "base", d_model: int | None = None,
@@ -280,6 +281,11 @@ class LanguageModel(L.LightningModule):
         if tok is not None and tok.fingerprint() != self.tokenizer.fingerprint():
             raise ValueError(f"data tokenizer {tok.path} differs from the model's {self.tokenizer.path}; "
                              "set data.tokenizer (linked to model.tokenizer) to one file")
+        pairs = getattr(data, "kind", "pretrain") == "preference"
+        if data is not None and pairs != self.consumes_pairs:
+            raise ValueError(f"{type(self).__name__} " + ("trains on preference pairs: set data.kind: preference" if
+                             self.consumes_pairs else "does not train on preference pairs (data.kind: preference "
+                             "is for the DPO modules, e.g. nanollada.lm.ARDPO)"))
         # After Lightning restored a --ckpt_path (trainer.ckpt_path is known only from then on) and after the
         # optimizer was built: the weights are copied into the tensors it holds.
         if self.hparams.init_from and not self.trainer.strategy.restore_checkpoint_after_setup:

@@ -86,6 +86,8 @@ class DPOMixin:
         **kwargs: The paradigm module's arguments (backbone, optimizer, schedule, ``init_from``, ...).
     """
 
+    consumes_pairs = True
+
     def __init__(self, beta: float = 0.1, reference_from: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if beta <= 0:
