@@ -243,7 +243,7 @@ def _eval_generate(args) -> None:
 
 
 def eval_command(argv: list[str]) -> None:
-    """score checkpoints on perplexity, minimal-pair, choice, cloze and raw-text tasks, or --generate quality/speed"""
+    """score checkpoints on perplexity, minimal-pair, choice, cloze, raw-text and preference tasks, or --generate"""
     import json
     import sys
 
