@@ -213,13 +213,13 @@ def _eval_generate(args) -> None:
         raise SystemExit("nanollada eval --generate: give --prompts (a .txt/.jsonl prompts file, an SFT file, a "
                          "pretrain file or ppl-<source>)")
     try:
-        prompts, where = load_prompts(args.prompts, args.limit, args.prefix_chars, args.data_root)
+        prompts, where = load_prompts(args.prompts, args.limit, args.prefix_chars, args.data_root, args.val_fraction)
         grid = parse_sweep(args.sweep or [])
         overrides = parse_sweep(args.set or [])
         if any(len(v) != 1 for v in overrides.values()):
             raise ValueError("--set takes one value per field (use --sweep for several)")
         settings = base_settings(args.max_new_tokens, **{k: v[0] for k, v in overrides.items()})
-        scoring = EvalSettings(batch_size=args.batch_size, samples=args.samples, seed=args.seed)
+        scoring = EvalSettings(batch_size=args.batch_size, samples=args.samples or 8, seed=args.seed)
     except (DataError, ValueError) as e:
         raise SystemExit(f"nanollada eval --generate: {e}")
     print(f"[generate] prompts: {where}", file=sys.stderr)
@@ -266,11 +266,17 @@ def eval_command(argv: list[str]) -> None:
                         help="at most N items per task, spread evenly over the file (shared round-robin over "
                              "phenomena/subjects first)")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward")
-    parser.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the diffusion estimators")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="Monte-Carlo samples of the diffusion estimators (default 8, and 32 for the multiple-"
+                             "choice families, whose predictions are noisy with few draws); a value applies to all")
     parser.add_argument("--seed", type=int, default=0, help="seed of the diffusion estimators")
     parser.add_argument("--stride", type=int, default=None,
                         help="texts longer than max_seq_len are scored in windows: tokens scored per window after "
                              "the first (default max_seq_len // 2)")
+    parser.add_argument("--val_fraction", type=float, default=2 / 256,
+                        help="ppl:<file> tasks score the records the SHA-1 split rule holds out at this fraction: "
+                             "give the training config's data.val_fraction (default 2/256, the real configs'; "
+                             "the tiny configs use 0.05)")
     parser.add_argument("--text_split", default="auto", choices=["auto", "blank", "heading", "file"],
                         help=".txt tasks: documents end at blank lines, start at headings (markdown '# ' or "
                              "WikiText ' = Title = '), or the file is one document; auto: heading if the file has one")
@@ -288,7 +294,8 @@ def eval_command(argv: list[str]) -> None:
                           "(--sweep), and report judge perplexity, unigram entropy, repeated-4-gram rate, mean "
                           "length, tokens per forward and tokens/s")
     gen.add_argument("--prompts", default=None,
-                     help="a .txt (one prompt per line) or .jsonl ('prompt') file, an SFT file (first user turns), a "
+                     help="a .txt (one prompt per line) or .jsonl ('prompt') file, an SFT file (first user turns), "
+                          "sft:<file> or sft-<name> (first user turns of its held-out conversations only), a "
                           "pretrain file or ppl-<source> (prefixes of its validation records); --limit N of them")
     gen.add_argument("--judge", default=None, help="checkpoint whose perplexity of the generated text is reported")
     gen.add_argument("--sweep", action="extend", nargs="+", default=None, metavar="FIELD=V1,V2",
@@ -306,10 +313,11 @@ def eval_command(argv: list[str]) -> None:
     if not args.tasks:
         parser.error("give --tasks (or --generate --prompts P)")
     try:
-        settings = EvalSettings(batch_size=args.batch_size, samples=args.samples, seed=args.seed, stride=args.stride)
+        settings = EvalSettings(batch_size=args.batch_size, samples=args.samples or 8, seed=args.seed,
+                                stride=args.stride, choice_samples=args.samples or 32)
         tasks = []
         for spec in args.tasks:
-            tasks.append(resolve_task(spec, args.data_root, args.limit, args.text_split))
+            tasks.append(resolve_task(spec, args.data_root, args.limit, args.text_split, args.val_fraction))
             t = tasks[-1]
             notes = "".join(f"; {lang} prompt {v['template']!r} + {v['delimiter']!r} + choice ({v['items']} items)"
                             for lang, v in t.notes.get("query_templates", {}).items())
@@ -346,10 +354,12 @@ def prepare_command(argv: list[str]) -> None:
 
 
 def pipeline_command(argv: list[str]) -> None:
-    """tokenizer -> AR pretrain -> diffusion from AR -> SFT both -> evaluation, resumable (scripts/pipeline.py)"""
+    """tokenizer -> AR pretrain -> diffusion from AR -> SFT -> DPO -> evaluation, resumable (scripts/pipeline.py)"""
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / "pipeline.py"
+    path = Path.cwd() / "scripts" / "pipeline.py"  # the checkout you are in, else the one nanollada came from
+    if not (path.is_file() and (Path.cwd() / "configs").is_dir()):
+        path = Path(__file__).resolve().parents[1] / "scripts" / "pipeline.py"
     if not path.is_file():
         raise SystemExit(f"nanollada pipeline needs the repository checkout ({path} not found)")
     spec = importlib.util.spec_from_file_location("nanollada_pipeline_script", path)

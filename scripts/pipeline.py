@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """The whole nanollada recipe in one resumable command (in the spirit of nanochat's speedrun).
 
-    tokenizer -> prepare -> ar_pretrain -> diffusion_from_ar -> ar_sft -> diffusion_sft
-              -> block_diffusion_from_ar -> block_diffusion_sft          (AR -> masked and AR -> block diffusion)
-              -> validate -> compare -> eval -> results (logs/<run>/results.md)
+    tokenizer -> prepare -> ar_pretrain -> diffusion_from_ar, block_diffusion_from_ar      (AR -> LLaDA 1.0 / 2.0)
+              -> block_diffusion_editing_cpt                                           (2.0 -> 2.1 token editing)
+              -> ar_sft, diffusion_sft, block_diffusion_sft, block_diffusion_editing_sft     (SFT of each)
+              -> ar_dpo, diffusion_dpo, block_diffusion_dpo                            (DPO after SFT)
+              -> validate -> compare -> eval -> generate -> results (logs/<run>/results.md)
 
     python scripts/pipeline.py --profile cpu            # small preset on the real zh+en data, ~1 hour on 2 cores
     python scripts/pipeline.py --profile gpu            # the flagship (base preset, bf16) on one GPU
     python scripts/pipeline.py --profile tiny --max_steps 4 --logs_dir /tmp/x   # plumbing check on bundled data
+    python scripts/pipeline.py --profile cpu --steps ar_pretrain=300 --steps ar_sft=100   # per-stage budgets
     nanollada pipeline ...                               # the same
 
 Profiles choose a config set: ``gpu`` = configs/real/*.yaml, ``cpu`` = configs/real/cpu/*.yaml, ``tiny`` =
@@ -22,9 +25,15 @@ Training stages run ``python -m nanollada fit --config <run>/<stage>/fit.yaml [-
 (cwd: the repository root, so the configs' relative paths hold); ``--set KEY=VALUE`` reaches LightningCLI as it is
 (``--KEY=VALUE`` after ``--config``, for fit and validate; the prepare stage resolves ``data.*`` ones the same way).
 The evaluation stages run ``nanollada validate --results_json`` (val/nll of every stage's final checkpoint on its
-own validation rows, read back from that JSON), ``nanollada compare`` (the two SFT checkpoints on a few
-English and Chinese instructions) and ``nanollada eval`` (when that command exists: perplexity of the validation
-records per source, BLiMP / CLiMP / ChID / CMMLU, every checkpoint side by side).
+own validation rows, read back from that JSON; preference accuracy for the DPO stages), ``nanollada compare`` (the
+SFT checkpoints on a few English and Chinese instructions), ``nanollada eval`` (perplexity of the validation
+records per source, BLiMP / CLiMP / ChID / CMMLU, held-out preference accuracy, every checkpoint side by side) and
+``nanollada eval --generate`` (the SFT and DPO checkpoints answer held-out SFT prompts with every decoder; judge
+perplexity under the AR SFT model, repetition, length, empty answers, tokens per forward, tokens/s and a plot).
+
+The run works in the repository of the working directory when that is a nanollada checkout (``--repo`` to choose
+another): configs are read from it, logs written under its ``logs/``, and its package is the one the stages import
+(``PYTHONPATH``). ``--dry_run`` prints every command and derived config path and writes nothing.
 """
 
 from __future__ import annotations
@@ -41,37 +50,69 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+SCRIPT_REPO = Path(__file__).resolve().parents[1]  # the checkout this script belongs to
+if str(SCRIPT_REPO) not in sys.path:
+    sys.path.insert(0, str(SCRIPT_REPO))
+REPO = SCRIPT_REPO  # the repository a run works in: main() sets it from --repo / the working directory
+
+
+def find_repo(explicit: str | None) -> Path:
+    """The repository a run reads its configs from and writes its logs under: ``--repo``, else the working
+    directory when it is a nanollada checkout (``configs/`` and ``scripts/pipeline.py``), else this script's
+    checkout. So ``nanollada pipeline`` run inside a clone works in that clone, not in the one it was installed
+    from."""
+    if explicit:
+        repo = Path(explicit).resolve()
+        if not (repo / "configs").is_dir():
+            raise SystemExit(f"--repo {explicit}: no configs/ directory there (want a nanollada checkout)")
+        return repo
+    cwd = Path.cwd().resolve()
+    if (cwd / "configs").is_dir() and (cwd / "scripts" / "pipeline.py").is_file():
+        return cwd
+    return SCRIPT_REPO
 
 import yaml  # noqa: E402
 
-TRAIN_STAGES = ("ar_pretrain", "diffusion_from_ar", "ar_sft", "diffusion_sft", "block_diffusion_from_ar",
-                "block_diffusion_sft")
-INIT_FROM = {"ar_pretrain": None, "diffusion_from_ar": "ar_pretrain", "ar_sft": "ar_pretrain",
-             "diffusion_sft": "diffusion_from_ar", "block_diffusion_from_ar": "ar_pretrain",
-             "block_diffusion_sft": "block_diffusion_from_ar"}
-SFT_STAGES = ("ar_sft", "diffusion_sft", "block_diffusion_sft")  # compared side by side
-STAGES = ("tokenizer", "prepare", *TRAIN_STAGES, "validate", "compare", "eval", "results")
+# training stage -> the stage whose last.ckpt it starts from (model.init_from; DPO: also its frozen reference)
+INIT_FROM = {"ar_pretrain": None, "diffusion_from_ar": "ar_pretrain", "block_diffusion_from_ar": "ar_pretrain",
+             "block_diffusion_editing_cpt": "block_diffusion_from_ar",  # LLaDA 2.1 continues from 2.0
+             "ar_sft": "ar_pretrain", "diffusion_sft": "diffusion_from_ar",
+             "block_diffusion_sft": "block_diffusion_from_ar",
+             "block_diffusion_editing_sft": "block_diffusion_editing_cpt",
+             "ar_dpo": "ar_sft", "diffusion_dpo": "diffusion_sft", "block_diffusion_dpo": "block_diffusion_sft"}
+TRAIN_STAGES = tuple(INIT_FROM)
+DPO_STAGES = ("ar_dpo", "diffusion_dpo", "block_diffusion_dpo")  # validated on preference accuracy, not val/nll
+SFT_STAGES = ("ar_sft", "diffusion_sft", "block_diffusion_sft", "block_diffusion_editing_sft")  # compared
+GENERATE_STAGES = (*SFT_STAGES, *DPO_STAGES)  # generate for held-out SFT prompts, judged by ar_sft
+STAGES = ("tokenizer", "prepare", *TRAIN_STAGES, "validate", "compare", "eval", "generate", "results")
 
 PROMPTS_EN = ["Give three tips for staying healthy.", "Explain why the sky is blue.",
               "Write a short story about a cat who learns to swim.", "What is the capital of France?"]
 PROMPTS_ZH = ["请简单介绍一下长城。", "用三句话描述春天。", "写一首关于月亮的短诗。", "如何学好一门外语？"]
 EVAL_TASKS = ["ppl-en-gutenberg", "ppl-en-shakespeare", "ppl-zh-modern", "ppl-zh-novels", "ppl-zh-poetry",
-              "blimp", "climp", "chid", "cmmlu"]
+              "blimp", "climp", "chid", "cmmlu", "pref-dpo-en", "pref-dpo-zh"]
+HELDOUT_SFT = ["sft:{root}/sft/alpaca-en.jsonl.gz", "sft:{root}/sft/alpaca-zh.jsonl.gz"]  # generate stage prompts
 
 PROFILES = {
     "tiny": dict(configs="configs/tiny", run="tiny", prompts=PROMPTS_EN[:1] + PROMPTS_ZH[:1],
                  compare=["--max_new_tokens", "16", "--block_length", "16", "--strategies", "[low_confidence]"],
-                 eval_tasks=["data/pretrain.jsonl"], eval_args=["--limit", "4", "--samples", "2", "--batch_size", "4"]),
+                 eval_tasks=["ppl:data/pretrain.jsonl", "pref:data/dpo.jsonl"],  # held-out records only
+                 eval_args=["--limit", "4", "--samples", "2", "--batch_size", "4", "--val_fraction", "0.05"],
+                 generate_prompts=["sft:data/sft.jsonl"], generate_limit=2, val_fraction=0.05,
+                 generate=["--max_new_tokens", "8", "--strategies", "threshold", "--sweep", "threshold=0.5,0.9"]),
     "cpu": dict(configs="configs/real/cpu", run="real_cpu", prompts=PROMPTS_EN[:3] + PROMPTS_ZH[:3],
                 compare=["--max_new_tokens", "64", "--block_length", "32", "--strategies",
                          "[low_confidence, threshold]"],
-                eval_tasks=EVAL_TASKS, eval_args=["--limit", "32", "--samples", "4", "--batch_size", "16"]),
+                eval_tasks=EVAL_TASKS, eval_args=["--limit", "32", "--samples", "4", "--batch_size", "16"],
+                generate_prompts=HELDOUT_SFT, generate_limit=8,
+                generate=["--max_new_tokens", "48", "--strategies", "low_confidence", "threshold",
+                          "--sweep", "threshold=0.5,0.9"]),
     "gpu": dict(configs="configs/real", run="real", prompts=PROMPTS_EN + PROMPTS_ZH,
                 compare=["--max_new_tokens", "128", "--block_length", "32"],
-                eval_tasks=EVAL_TASKS, eval_args=["--limit", "1000", "--samples", "8", "--batch_size", "32"]),
+                eval_tasks=EVAL_TASKS, eval_args=["--limit", "1000", "--samples", "8", "--batch_size", "32"],
+                generate_prompts=HELDOUT_SFT, generate_limit=32,
+                generate=["--max_new_tokens", "128", "--strategies", "low_confidence", "threshold",
+                          "--sweep", "threshold=0.5,0.7,0.9"]),
 }
 VALIDATE_SNIPPET = """
 import json, sys
@@ -96,6 +137,8 @@ class Pipeline:
         self.root = Path(args.logs_dir).resolve() / self.run_name
         self.config_dir = REPO / self.profile["configs"]
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # the stages import this repository's package, not whichever clone nanollada was installed from
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         if args.data_root:
             self.env["NANOLLADA_DATA"] = str(Path(args.data_root).resolve())
         self.data_root = self.env.get("NANOLLADA_DATA")
@@ -135,6 +178,8 @@ class Pipeline:
                         "init_args": {"save_dir": str(self.root), "name": stage, "version": "tensorboard"}}
         if a.max_steps:
             tr["max_steps"] = a.max_steps
+        if stage in a.stage_steps:
+            tr["max_steps"] = a.stage_steps[stage]
         steps = tr["max_steps"]
         if tr.get("val_check_interval") and isinstance(tr["val_check_interval"], int):
             tr["val_check_interval"] = min(tr["val_check_interval"], steps)
@@ -146,7 +191,9 @@ class Pipeline:
         if a.quiet or not sys.stdout.isatty():
             tr["enable_progress_bar"] = False
         for cb in tr.get("callbacks") or []:
-            if cb["class_path"].endswith("ModelCheckpoint"):
+            if cb["class_path"].endswith("ModelCheckpoint") and (cb.get("init_args") or {}).get("monitor"):
+                cb["init_args"]["dirpath"] = str(self.stage_dir(stage) / "checkpoints" / "best")  # top-k by metric
+            elif cb["class_path"].endswith("ModelCheckpoint"):
                 ia = cb.setdefault("init_args", {})
                 ia["dirpath"] = str(self.stage_dir(stage) / "checkpoints")
                 ia["save_last"] = True
@@ -161,6 +208,8 @@ class Pipeline:
 
     def write_config(self, stage: str) -> Path:
         path = self.stage_dir(stage) / "fit.yaml"
+        if self.args.dry_run:  # a dry run writes nothing: the path is only printed
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         text = (f"# derived by scripts/pipeline.py from {self.config_dir.relative_to(REPO)}/{stage}.yaml "
                 f"(run {self.run_name})\n" + yaml.safe_dump(self.configs[stage], sort_keys=False, allow_unicode=True))
@@ -177,11 +226,11 @@ class Pipeline:
     def run_cmd(self, cmd: list[str], logfile: Path, echo: bool | None = None) -> tuple[int, str]:
         """Run ``cmd`` in the repository root, teeing its output to ``logfile`` (and the console unless quiet)."""
         echo = not self.args.quiet if echo is None else echo
-        logfile.parent.mkdir(parents=True, exist_ok=True)
         shown = cmd if cmd[1:2] != ["-c"] else [cmd[0], "-c", "<script>", *cmd[3:]]
         log(f"$ {shlex.join(shown)}  (log: {logfile})")
         if self.args.dry_run:
             return 0, ""
+        logfile.parent.mkdir(parents=True, exist_ok=True)
         out = []
         with open(logfile, "ab") as fh:
             fh.write(f"\n##### {datetime.now().isoformat(timespec='seconds')} $ {shlex.join(shown)}\n".encode())
@@ -237,6 +286,10 @@ class Pipeline:
         """Token caches of every stage's data (in this process: ``nanollada.prepare``, as ``nanollada prepare``)."""
         from nanollada.prepare import format_summary, prepare_config
         d = self.stage_dir("prepare")
+        if self.args.dry_run:
+            for s in TRAIN_STAGES:
+                log(f"prepare: data of {s} (as `nanollada prepare --config {self.write_config(s)}`)")
+            return {}
         d.mkdir(parents=True, exist_ok=True)
         groups: dict[str, list[str]] = {}
         for s in TRAIN_STAGES:  # stages with the same data section share their caches: summarise once
@@ -323,9 +376,10 @@ class Pipeline:
             if Path(out_json).is_file():
                 results[stage] = json.loads(Path(out_json).read_text(encoding="utf-8"))["metrics"]
                 log(f"validate {stage}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[stage].items()))
-        missing = [s for s in TRAIN_STAGES if "val/nll" not in results.get(s, {})]
+        missing = [s for s in TRAIN_STAGES if validation_metric(s) not in results.get(s, {})]
         if missing:
-            self.fail("validate", 1, out + f"\nno val/nll found for {missing}")
+            self.fail("validate", 1, out + f"\nno {', '.join(validation_metric(s) for s in missing)} found for "
+                                           f"{missing}")
         (d / "validate.json").write_text(json.dumps(results, indent=1))
         return {"metrics": results}
 
@@ -369,6 +423,46 @@ class Pipeline:
             self.fail("eval", rc, out)
         return {"table": str(d / "eval.md")}
 
+    def stage_generate(self) -> dict:
+        """``nanollada eval --generate``: the SFT and DPO checkpoints answer the same held-out SFT prompts with every
+        decoder of the profile; judge perplexity under ``ar_sft``, repetition, length, empty answers, TPF, tokens/s,
+        and a plot of quality against speed."""
+        d = self.stage_dir("generate")
+        prompts = []
+        for spec in self.profile["generate_prompts"]:
+            spec = spec.format(root=self.data_root or self.configs["ar_sft"]["data"].get("data_root") or "")
+            if not self.args.dry_run:
+                from nanollada.evaluation.generation import load_prompts
+                cwd = os.getcwd()
+                os.chdir(REPO)
+                try:
+                    got, where = load_prompts(spec, self.profile["generate_limit"],
+                                              val_fraction=self.profile.get("val_fraction", 2 / 256))
+                finally:
+                    os.chdir(cwd)
+                log(f"generate: {where}")
+                prompts += got
+        path = d / "prompts.jsonl"
+        if not self.args.dry_run:
+            d.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts),
+                            encoding="utf-8")
+        cmd = self.nanollada("eval", "--generate", "--ckpt", *(str(self.final_ckpt(s)) for s in GENERATE_STAGES),
+                             "--judge", str(self.final_ckpt("ar_sft")), "--prompts", str(path),
+                             *self.profile["generate"], "--output", str(d / "generate.json"),
+                             "--plot", str(d / "generate.png"))
+        if self.args.device:
+            cmd += ["--device", self.args.device]
+        rc, out = self.run_cmd(cmd, d / "generate.log")
+        if rc:
+            self.fail("generate", rc, out)
+        if self.args.dry_run:
+            return {}
+        from nanollada.evaluation.generation import format_sweep
+        result = json.loads((d / "generate.json").read_text(encoding="utf-8"))
+        (d / "generate.md").write_text(format_sweep(result).strip() + "\n", encoding="utf-8")
+        return {"table": str(d / "generate.md"), "plot": str(d / "generate.png")}
+
     def stage_results(self) -> dict:
         if self.args.dry_run:
             return {}
@@ -398,6 +492,9 @@ class Pipeline:
             total += info.get("seconds", 0.0)
             nll = f"{m['val/nll']:.4f}" if "val/nll" in m else "-"
             ppl = f"{m['val/ppl']:.2f}" if "val/ppl" in m else "-"
+            if s in DPO_STAGES and "val/reward_accuracy" in m:  # preference pairs: no val/nll
+                nll = f"reward acc {m['val/reward_accuracy']:.3f}"
+                ppl = f"likelihood acc {m.get('val/likelihood_accuracy', float('nan')):.3f}"
             tb = train_scalars(self.stage_dir(s) / "tensorboard")
             # TokenThroughputMonitor: all devices' tokens/s with several devices, else the one device's
             speeds = tb.get("train/items_per_sec") or tb.get("train/device/items_per_sec")
@@ -411,12 +508,16 @@ class Pipeline:
         lines += ["", f"Training wall time (this invocation's stages, excluding resumed parts): {fmt_seconds(total)}. "
                   "val/nll: nats per token on each stage's own validation rows (pretraining rows for the pretraining "
                   "stages, SFT answers for the SFT stages), limited by the config's `limit_val_batches`; exact for "
-                  "AR, an ELBO upper bound for diffusion. train tok/s: the median of the logged tokens/s "
+                  "AR, an ELBO upper bound for diffusion; the DPO stages show the held-out preference pairs' reward "
+                  "accuracy (policy-vs-reference margin of chosen above rejected) and likelihood accuracy (chosen "
+                  "more likely per token). train tok/s: the median of the logged tokens/s "
                   "(`train/device/items_per_sec` of Lightning's ThroughputMonitor; tokens in the batches, padding "
                   "included, validation time excluded); train loss: the mean of the first and of the last ten "
                   "logged values (every `log_every_n_steps` steps).", ""]
         for title, stage, name in (("Data", "prepare", "prepare.md"), ("AR vs diffusion on the same prompts "
-                                   "(SFT checkpoints)", "compare", "compare.md"), ("Evaluation", "eval", "eval.md")):
+                                   "(SFT checkpoints)", "compare", "compare.md"), ("Evaluation", "eval", "eval.md"),
+                                   ("Generation quality against speed (held-out SFT prompts)", "generate",
+                                    "generate.md")):
             lines += [f"## {title}", ""]
             f = self.stage_dir(stage) / name
             info = self.done(stage) or {}
@@ -437,8 +538,10 @@ class Pipeline:
             if self.marker(s).is_file():
                 self.marker(s).unlink()
                 log(f"{s}: marker removed (--redo)")
-        self.root.mkdir(parents=True, exist_ok=True)
-        log(f"run {self.run_name} (profile {a.profile}) in {self.root}")
+        if not a.dry_run:
+            self.root.mkdir(parents=True, exist_ok=True)
+        log(f"run {self.run_name} (profile {a.profile}) in {self.root}" + (" (dry run: nothing is written)"
+                                                                              if a.dry_run else ""))
         ran = False
         for stage in STAGES:
             if a.only and stage not in a.only:
@@ -460,6 +563,23 @@ class Pipeline:
             if a.stop_after == stage:
                 log(f"stopping after {stage} (--stop_after)")
                 return
+
+
+def validation_metric(stage: str) -> str:
+    """The metric ``validate`` must report for ``stage``: preference accuracy for DPO, val/nll otherwise."""
+    return "val/reward_accuracy" if stage in DPO_STAGES else "val/nll"
+
+
+def parse_stage_steps(items: list[str]) -> dict[str, int]:
+    """``--steps STAGE=N`` items -> {stage: N}; unknown stages and bad numbers are refused."""
+    out = {}
+    for item in items:
+        stage, sep, n = item.partition("=")
+        if not sep or stage not in TRAIN_STAGES or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"--steps wants STAGE=N with N >= 1 and STAGE one of {', '.join(TRAIN_STAGES)}; "
+                             f"got {item!r}")
+        out[stage] = int(n)
+    return out
 
 
 def lightning_overrides(items: list[str]) -> list[str]:
@@ -516,8 +636,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="config set: gpu = configs/real, cpu = configs/real/cpu, tiny = configs/tiny (tests)")
     ap.add_argument("--run", default=None, help="run name: outputs go to <logs_dir>/<run>/ (default: real, real_cpu, "
                     "tiny by profile)")
-    ap.add_argument("--logs_dir", default=str(REPO / "logs"), help="parent of the run directory (default: logs/)")
+    ap.add_argument("--logs_dir", default=None, help="parent of the run directory (default: <repo>/logs)")
     ap.add_argument("--max_steps", type=int, default=None, help="override trainer.max_steps of every training stage")
+    ap.add_argument("--steps", action="append", default=[], metavar="STAGE=N",
+                    help="override trainer.max_steps of one stage (repeatable; wins over --max_steps), e.g. "
+                         "--steps ar_pretrain=300")
+    ap.add_argument("--repo", default=None, help="repository to work in: configs from <repo>/configs, logs under "
+                    "<repo>/logs (default: the working directory when it is a nanollada checkout, else the "
+                    "checkout of this script)")
     ap.add_argument("--limit_val_batches", type=float, default=None,
                     help="override trainer.limit_val_batches of every stage (>= 1: batches, < 1: fraction)")
     ap.add_argument("--data_root", default=None, help="data directory for every stage (sets NANOLLADA_DATA)")
@@ -534,6 +660,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--quiet", action="store_true", help="subprocess output only to the stage logs")
     args = ap.parse_args(argv)
+    global REPO
+    REPO = find_repo(args.repo)
+    args.logs_dir = args.logs_dir or str(REPO / "logs")
+    args.stage_steps = parse_stage_steps(args.steps)
     if args.limit_val_batches is not None and args.limit_val_batches >= 1:
         args.limit_val_batches = int(args.limit_val_batches)
     args.argv = argv

@@ -283,3 +283,30 @@ def test_cli_errors_are_one_line_messages(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--ckpt", "x.ckpt", "--tasks", "blimp", "--samples", "0", "--data_root", str(root)])
     assert "samples must be >= 1" in str(e.value.code)
+
+
+def test_multiple_choice_uses_choice_samples_and_the_cli_defaults_them_to_32(shipped_tokenizer, monkeypatch):
+    """Choice families score with ``choice_samples`` draws (other families keep ``samples``); ``nanollada eval``
+    without ``--samples`` gives 32 to multiple choice and 8 to the rest, and ``--samples N`` applies to all."""
+    from dataclasses import replace
+
+    from nanollada import commands
+    tok = shipped_tokenizer
+    loaded = crafted(tok, tok.encode("the dog ran"), False)
+    mc = Task("mc", "multiple_choice", "x", [{"context": "Once upon a time", "choices": [" a cat", " the dog ran"],
+                                             "gold": 1}])
+    pairs = Task("bp", "minimal_pairs", "x", [{"good": "the dog ran", "bad": "dog the ran", "phenomenon": "p"}])
+    s = replace(SETTINGS, samples=2, choice_samples=5)
+    assert "5" in evaluate_task(loaded, mc, s)["estimate"] and "5" not in evaluate_task(loaded, pairs, s)["estimate"]
+    assert "2" in evaluate_task(loaded, mc, replace(s, choice_samples=None))["estimate"]
+    seen = []
+    monkeypatch.setattr("nanollada.evaluation.runner.run_eval",
+                        lambda ckpts, tasks, settings, *a, **k: seen.append(settings) or {})
+    monkeypatch.setattr("nanollada.evaluation.tasks.resolve_task", lambda *a, **k: mc)
+    for argv in (["--ckpt", "x", "--tasks", "mc"], ["--ckpt", "x", "--tasks", "mc", "--samples", "4"]):
+        try:
+            commands.eval_command(argv)
+        except Exception:  # noqa: BLE001 - only the settings passed to run_eval matter here
+            pass
+    assert (seen[0].samples, seen[0].choice_samples) == (8, 32)
+    assert (seen[1].samples, seen[1].choice_samples) == (4, 4)

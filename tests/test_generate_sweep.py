@@ -65,6 +65,22 @@ def test_prompts_from_every_source(tmp_path):
         load_prompts(str(tmp_path / "missing.jsonl"))
 
 
+def test_heldout_sft_prompts_are_the_validation_conversations(tmp_path):
+    """``sft:<file>`` keeps exactly the conversations the SFT split rule holds out of training."""
+    from nanollada.data.records import SHARED_VAL_FRACTION, is_validation
+    convs = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+             for i in range(2000)]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": c} for c in convs])
+    held = [c[0]["content"] for c in convs if is_validation(c[0]["content"], SHARED_VAL_FRACTION)]
+    assert 0 < len(held) < 60  # ~2000/128
+    prompts, where = load_prompts(f"sft:{path}")
+    assert prompts == held and "held-out" in where
+    assert load_prompts(f"sft:{path}", limit=2)[0] == [held[0], held[len(held) // 2]]
+    train_only = [{"conversations": c} for c in convs if c[0]["content"] not in held][:5]
+    with pytest.raises(DataError, match="no held-out"):
+        load_prompts(f"sft:{write_jsonl(tmp_path / 'train.jsonl', train_only)}")
+
+
 def test_sweep_runs_one_curve_per_checkpoint_and_strategy(shipped_tokenizer, tmp_path):
     tok = shipped_tokenizer
     ar, dm = tiny(tok, True), tiny(tok, False)
@@ -95,6 +111,27 @@ def test_sweep_runs_one_curve_per_checkpoint_and_strategy(shipped_tokenizer, tmp
     png = plot_sweep(result, str(tmp_path / "sweep.png"))
     pytest.importorskip("matplotlib")
     assert png and (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_guidance_eos_rules_and_editing_are_swept_not_merged(shipped_tokenizer):
+    """cfg_scale, min_new_tokens and eos_after_text change diffusion decoding (one run per value) and not AR's;
+    the editing presets change block diffusion's (each preset's thresholds are its own run)."""
+    from dataclasses import replace
+    tok = shipped_tokenizer
+    ar, dm = tiny(tok, True), tiny(tok, False)
+    bd = replace(tiny(tok, False, seed=1), paradigm="block_diffusion", path="bd.ckpt",
+                 paradigm_config={"block_size": 4})
+    base = base_settings(8, block_length=4)
+    for field, values in (("cfg_scale", [0.0, 1.5]), ("min_new_tokens", [0, 4]), ("eos_after_text", [False, True])):
+        for loaded, want in ((ar, 1), (dm, 2), (bd, 2)):
+            keys = {loaded.interface.decoding_key(replace(base, strategy="threshold", **{field: v})) for v in values}
+            assert len(keys) == want, (field, loaded.paradigm)
+    keys = {bd.interface.decoding_key(replace(base, strategy="threshold", editing=e))
+            for e in ("off", "speedy", "quality")}
+    assert len(keys) == 3
+    result = run_sweep([bd], ["bd"], ["The cat sat on"], base, ["threshold"], parse_sweep(["editing=off,speedy"]),
+                       log=lambda m: None)
+    assert [r["point"] for r in result["rows"]] == [{"editing": "off"}, {"editing": "speedy"}]
 
 
 def test_plot_is_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_path, capsys):

@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from nanollada.data.records import DataError, read_jsonl
+from nanollada.data.records import SHARED_VAL_FRACTION, DataError, read_jsonl
 
 PREFIX_CHARS = 120  # default length of a pretraining-text prefix used as a prompt
 
@@ -47,17 +47,25 @@ def text_prefix(text: str, chars: int) -> str:
 
 
 def load_prompts(spec: str, limit: int | None = None, prefix_chars: int = PREFIX_CHARS,
-                 root: str | None = None) -> tuple[list[str], str]:
+                 root: str | None = None, val_fraction: float = SHARED_VAL_FRACTION) -> tuple[list[str], str]:
     """Prompts and a description of where they came from.
 
     ``spec``: a ``.txt`` file (one prompt per line); a ``.jsonl`` file with a ``"prompt"`` field; an SFT file
-    (``{"conversations"}``: the first user turn); a pretrain file or ``ppl-<source>`` / ``ppl:<file>`` (the first
+    (``{"conversations"}``: the first user turn); ``sft:<file>`` / ``sft-<name>`` (``<data_root>/sft/<name>.jsonl.gz``):
+    the first user turns of the held-out conversations only (:func:`heldout_sft_prompts`); a pretrain file or ``ppl-<source>`` / ``ppl:<file>`` (the first
     ``prefix_chars`` characters of each validation record: the model continues real text). ``limit`` prompts spread
-    evenly (``tasks.select_items``)."""
-    from nanollada.evaluation.tasks import resolve_task, select_items
+    evenly (``tasks.select_items``). ``val_fraction``: the held-out share of the SHA-1 rule for ``sft:`` and
+    ``ppl:`` specs (the training config's ``data.val_fraction``)."""
+    from nanollada.evaluation.tasks import data_root, resolve_task, select_items
     from nanollada.prediction import read_prompts
+    if spec.startswith("sft:") or (spec.startswith("sft-") and not Path(spec).exists()):
+        path = spec[4:] if spec.startswith("sft:") else str(data_root(root) / "sft" / f"{spec[4:]}.jsonl.gz")
+        prompts = heldout_sft_prompts(path, val_fraction)
+        chosen = [p["p"] for p in select_items([{"p": p} for p in prompts], limit)]
+        return chosen, (f"first user turns of {len(chosen)} of the {len(prompts)} held-out conversations (SHA-1 "
+                        f"rule, fraction {val_fraction:.4f}) of {path}")
     if spec.startswith("ppl") and (spec.startswith("ppl:") or not Path(spec).exists()):
-        task = resolve_task(spec, root, limit)
+        task = resolve_task(spec, root, limit, val_fraction=val_fraction)
         return [text_prefix(it["text"], prefix_chars) for it in task.items], \
             f"first {prefix_chars} characters of {len(task.items)} validation records of {task.path}"
     if not Path(spec).is_file():
@@ -87,6 +95,21 @@ def load_prompts(spec: str, limit: int | None = None, prefix_chars: int = PREFIX
         raise DataError(f"{spec}: no prompts")
     prompts = [p["p"] for p in select_items([{"p": p} for p in prompts], limit)]
     return prompts, f"{how} of {spec} ({len(prompts)} prompts)"
+
+
+def heldout_sft_prompts(path: str, val_fraction: float = SHARED_VAL_FRACTION) -> list[str]:
+    """The first user turn of every held-out conversation of an SFT file: the records the SHA-1 rule
+    (``is_validation(key, val_fraction)``, the SFT config's ``data.val_fraction``) keeps out of training, in
+    file order."""
+    from nanollada.data.records import is_validation, iter_records
+    if not Path(path).is_file():
+        raise DataError(f"SFT file not found: {path}")
+    prompts = [next(t["content"] for t in rec["conversations"] if t.get("role") == "user")
+               for key, rec in iter_records(path, "sft") if is_validation(key, val_fraction)]
+    if not prompts:
+        raise DataError(f"{path}: no held-out conversations (SHA-1 split rule, fraction {val_fraction:.4f}; "
+                        "--val_fraction sets it)")
+    return prompts
 
 
 # ------------------------------------------------------------------------------------------------ metrics

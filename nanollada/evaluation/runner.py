@@ -59,7 +59,7 @@ from __future__ import annotations
 import math
 import time
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -303,6 +303,9 @@ SCORERS = {"perplexity": score_perplexity, "minimal_pairs": score_minimal_pairs,
            "rolling_perplexity": score_rolling_perplexity, "preference": score_preference}
 
 
+CHOICE_FAMILIES = ("multiple_choice", "context_choice")  # scored with ScoringSettings.choice_samples when set
+
+
 def default_cloze_strategies() -> list[str]:
     """Every registered diffusion decoding strategy (AR runs its one decoder whatever the list)."""
     from nanollada.sampling.diffusion import STRATEGIES
@@ -315,6 +318,8 @@ def evaluate_task(loaded, task: Task, settings: EvalSettings, strategies: list[s
     ``strategies``: the decoders of the cloze family (None: every registered strategy; ``[]``: only the greedy
     continuation)."""
     device = _device(loaded.model)
+    if task.family in CHOICE_FAMILIES and settings.choice_samples is not None:
+        settings = replace(settings, samples=settings.choice_samples)
     _sync(device)
     start = time.perf_counter()
     if task.family == "cloze":
@@ -447,7 +452,9 @@ def format_markdown(result: dict, groups: bool = True) -> str:
             name = ""
     s = result["settings"]
     notes = [f"AR: exact log-likelihoods. Diffusion: perplexity from the negative ELBO (an upper bound), pair and "
-             f"choice scores Monte-Carlo estimates ({s['samples']} samples, seed {s['seed']}). Chance for "
+             f"choice scores Monte-Carlo estimates ({s['samples']} samples"
+             + (f", {s['choice_samples']} for multiple choice" if s.get("choice_samples") not in (None, s["samples"])
+                else "") + f", seed {s['seed']}). Chance for "
              "perplexity rows: a uniform guess over the vocabulary."]
     out = "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
     if groups:

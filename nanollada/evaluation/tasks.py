@@ -354,19 +354,22 @@ def name_from_path(path: str | Path) -> str:
     return name
 
 
-def load_perplexity_split(path: str, name: str, limit: int | None = None) -> Task:
-    """The validation records (shared SHA-1 rule) of a pretrain file, in file order; ``limit`` of them spread
-    evenly (the whole file is read)."""
+def load_perplexity_split(path: str, name: str, limit: int | None = None,
+                          val_fraction: float = SHARED_VAL_FRACTION) -> Task:
+    """The validation records (shared SHA-1 rule at ``val_fraction``: the configs' ``data.val_fraction``) of a
+    pretrain file, in file order; ``limit`` of them spread evenly (the whole file is read)."""
     if not Path(path).is_file():
         raise DataError(f"pretrain file not found: {path}")
     items = []
     for key, record in iter_records(str(path), "pretrain"):
-        if not is_validation(key, SHARED_VAL_FRACTION) or not key.strip():
+        if not is_validation(key, val_fraction) or not key.strip():
             continue
         items.append({"text": record["text"]})
     if not items:
-        raise DataError(f"{path}: no validation records (SHA-1 split rule, fraction {SHARED_VAL_FRACTION:.4f})")
-    return Task(name, "perplexity", str(path), select_items(items, limit), len(items), {"split": "validation"})
+        raise DataError(f"{path}: no validation records (SHA-1 split rule, fraction {val_fraction:.4f}; "
+                        "--val_fraction sets it)")
+    return Task(name, "perplexity", str(path), select_items(items, limit), len(items),
+                {"split": "validation", "val_fraction": val_fraction})
 
 
 def load_preference_split(path: str, name: str, limit: int | None = None) -> Task:
@@ -381,15 +384,16 @@ def load_preference_split(path: str, name: str, limit: int | None = None) -> Tas
 
 
 def resolve_task(spec: str, root: str | Path | None = None, limit: int | None = None,
-                 text_split: str = "auto") -> Task:
+                 text_split: str = "auto", val_fraction: float = SHARED_VAL_FRACTION) -> Task:
     """A task from a command-line argument (a known name, ``ppl-<source>``, ``ppl:<file>`` or a file path; a
-    ``.txt`` file is a ``rolling_perplexity`` task split into documents by ``text_split``)."""
+    ``.txt`` file is a ``rolling_perplexity`` task split into documents by ``text_split``). ``val_fraction``: the
+    held-out share of ``ppl:<file>`` records (the shared rule by default; the tiny configs hold out 0.05)."""
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     root = data_root(str(root) if root else None)
     if spec.startswith("ppl:"):
         path = spec[len("ppl:"):]
-        return load_perplexity_split(path, "ppl:" + name_from_path(path), limit)
+        return load_perplexity_split(path, "ppl:" + name_from_path(path), limit, val_fraction)
     if spec.startswith("pref:"):
         path = spec[len("pref:"):]
         return load_preference_split(path, "pref:" + name_from_path(path), limit)

@@ -53,6 +53,9 @@ class ScoringSettings:
     Args:
         batch_size: Sequences per forward.
         samples: Monte-Carlo samples of the estimators that need them (diffusion ELBO draws / conditional samples).
+        choice_samples: Samples for the families that pick among options (multiple choice, context choice): with
+            few draws their predictions flip from seed to seed (README: 4 samples agree on 62.5% of predictions,
+            32 on 82.5%). None = ``samples``; ``nanollada eval`` defaults it to 32 (LLaDA uses 128).
         seed: Seed of every random draw, so results are repeatable.
         stride: Tokens scored per window after the first when a text is longer than ``max_seq_len``
             (:func:`rolling_windows`); None = half of ``max_seq_len``.
@@ -60,6 +63,7 @@ class ScoringSettings:
 
     batch_size: int = 16
     samples: int = 8
+    choice_samples: int | None = None
     seed: int = 0
     stride: int | None = None
 
@@ -68,6 +72,8 @@ class ScoringSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.choice_samples is not None and self.choice_samples < 1:
+            raise ValueError(f"choice_samples must be >= 1, got {self.choice_samples}")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
 

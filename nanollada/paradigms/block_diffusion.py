@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from nanollada.evaluation.block_likelihood import block_diffusion_elbo
@@ -89,6 +91,17 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
         greedy, with the exact cache of finished blocks (``use_kv_cache``)."""
         return {**super().default_generation(), "temperature": 0.0, "block_length": self.block_size,
                 "use_prefix_cache": False}
+
+    def decoding_key(self, settings) -> str:
+        """The masked-diffusion key plus token editing: with ``editing`` on, the resolved (tau_mask, tau_edit),
+        the post-edit step cap and the edit penalty (the strategy is then threshold decoding at tau_mask)."""
+        s = settings.resolve(self.default_generation()) if hasattr(settings, "resolve") else settings
+        key = json.loads(super().decoding_key(s))
+        editing = s.editing_thresholds()
+        if editing:
+            key.update(strategy="threshold(editing)", threshold=editing[0], editing=list(editing),
+                       max_post_edit_steps=s.max_post_edit_steps, edit_penalty=s.edit_penalty)
+        return json.dumps(key, sort_keys=True, default=str)
 
     def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
         tok = self.tokenizer

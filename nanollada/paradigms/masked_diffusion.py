@@ -149,13 +149,14 @@ class MaskedDiffusionParadigm(Paradigm):
     def decoding_key(self, settings) -> str:
         """The fields this decoder reads: the built strategy's own parameters (``steps`` for the fixed-step
         strategies, ``threshold`` for the threshold ones, ...), the canvas and block, temperature and the caches
-        (block diffusion reads ``use_kv_cache``); the seed only when sampling."""
+        (block diffusion reads ``use_kv_cache``), guidance and the eos rules; the seed only when sampling."""
         s = settings.resolve(self.default_generation()) if hasattr(settings, "resolve") else settings
         block = s.block_length or s.max_new_tokens
         strategy = build_strategy(s.strategy, s, block)
         key = {"strategy": s.strategy, **{k: v for k, v in vars(strategy).items() if not k.startswith("_")},
                "max_new_tokens": s.max_new_tokens, "block_length": block, "temperature": s.temperature,
                "use_prefix_cache": s.use_prefix_cache, "use_kv_cache": s.use_kv_cache, "chat": s.chat,
+               "cfg_scale": s.cfg_scale, "min_new_tokens": s.min_new_tokens, "eos_after_text": s.eos_after_text,
                "seed": s.seed if s.temperature else None}
         return json.dumps(key, sort_keys=True, default=str)
 
