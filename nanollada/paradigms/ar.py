@@ -53,6 +53,17 @@ class ARParadigm(Paradigm):
         key["seed"] = s.seed if s.temperature else None
         return json.dumps(key, sort_keys=True, default=str)
 
+    def decode(self, prompts: list[list[int]], settings, *, stop: bool = True):
+        """Decode a batch of prompts with the KV cache and resolved ``settings``: the sampler's output
+        (``generated``, ``forwards``, ``seconds``); ``stop=False`` ignores eos, so every row gets
+        ``max_new_tokens`` (throughput benchmarks)."""
+        tok = self.tokenizer
+        g = torch.Generator(device=self.device).manual_seed(settings.seed)
+        return ar_generate(self.model, prompts, max_new_tokens=settings.max_new_tokens,
+                           temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                           repetition_penalty=settings.repetition_penalty, eos_id=tok.eos_id if stop else None,
+                           pad_id=tok.pad_id, use_kv_cache=settings.use_kv_cache, generator=g)
+
     def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
         if record_trace:
             raise ValueError("a denoising trace needs a diffusion checkpoint (this one is autoregressive)")

@@ -209,6 +209,13 @@ class Paradigm:
         fields left to the paradigm's default from :meth:`default_generation` first."""
         raise NotImplementedError
 
+    def decode(self, prompts: list[list[int]], settings, *, stop: bool = True):
+        """A batch of equal-length prompts decoded at once with resolved ``settings`` (``GenerationSettings.resolve``
+        with :meth:`default_generation`): an object with ``generated`` (B rows of new tokens), ``forwards`` and
+        ``seconds``. ``stop=False`` ignores eos and the stop rules so every row fills its canvas: the throughput
+        benchmarks' batch-B decoding. :meth:`generate` is the one-prompt, text-producing path."""
+        raise NotImplementedError
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         gen = cls.__dict__.get("generate")

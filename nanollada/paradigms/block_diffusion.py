@@ -103,24 +103,32 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
                        max_post_edit_steps=s.max_post_edit_steps, edit_penalty=s.edit_penalty)
         return json.dumps(key, sort_keys=True, default=str)
 
-    def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
+    def decode(self, prompts: list[list[int]], settings, *, stop: bool = True, record_trace=False, on_step=None):
+        """Decode a batch of equal-length prompts (B, P), block by block with the exact block cache (see
+        ``MaskedDiffusionParadigm.decode``); token editing when ``settings.editing`` is on."""
         tok = self.tokenizer
         block = settings.block_length
-        G = canvas_length(len(prompt_ids), settings.max_new_tokens, block, self.model.cfg.max_seq_len)
+        G = canvas_length(len(prompts[0]), settings.max_new_tokens, block, self.model.cfg.max_seq_len)
         g = torch.Generator(device=self.device).manual_seed(settings.seed)
         step_cb = None if on_step is None else (lambda canvas: on_step(canvas[0].tolist()))
         editing = settings.editing_thresholds()  # LLaDA 2.1: (tau_mask, tau_edit), or None
         strategy = ConfidenceThreshold(editing[0]) if editing else build_strategy(settings.strategy, settings, block)
-        out = block_diffusion_generate(self.model, torch.tensor([prompt_ids], device=self.device), gen_length=G,
-                                       block_size=block, strategy=strategy, mask_id=tok.mask_id, eos_id=tok.eos_id,
-                                       temperature=settings.temperature, generator=g, use_cache=settings.use_kv_cache,
-                                       record_trace=record_trace, on_step=step_cb,
-                                       edit_threshold=editing[1] if editing else None,
-                                       max_post_edit_steps=settings.max_post_edit_steps,
-                                       edit_penalty=settings.edit_penalty if editing else 0.0,
-                                       cfg_scale=settings.cfg_scale, end_ids=(tok.im_end_id,),
-                                       min_new_tokens=settings.min_new_tokens,
-                                       eos_after_text=settings.eos_after_text)
+        return block_diffusion_generate(self.model, torch.tensor(prompts, device=self.device), gen_length=G,
+                                        block_size=block, strategy=strategy, mask_id=tok.mask_id,
+                                        eos_id=tok.eos_id if stop else None, temperature=settings.temperature,
+                                        generator=g, use_cache=settings.use_kv_cache, record_trace=record_trace,
+                                        on_step=step_cb, edit_threshold=editing[1] if editing else None,
+                                        max_post_edit_steps=settings.max_post_edit_steps,
+                                        edit_penalty=settings.edit_penalty if editing else 0.0,
+                                        cfg_scale=settings.cfg_scale, end_ids=(tok.im_end_id,) if stop else (),
+                                        min_new_tokens=settings.min_new_tokens,
+                                        eos_after_text=settings.eos_after_text)
+
+    def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
+        block = settings.block_length
+        G = canvas_length(len(prompt_ids), settings.max_new_tokens, block, self.model.cfg.max_seq_len)
+        editing = settings.editing_thresholds()
+        out = self.decode([prompt_ids], settings, record_trace=record_trace, on_step=on_step)
         extra = {"steps_per_block": out.steps_per_block, "block_length": block}
         if editing:
             extra.update(editing=settings.editing, edits=out.edits, tau_mask=editing[0], tau_edit=editing[1])

@@ -129,18 +129,26 @@ class MaskedDiffusionParadigm(Paradigm):
         return {**super().default_generation(), "temperature": 1.0, "strategy": "threshold",
                 "use_prefix_cache": True}
 
-    def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
+    def decode(self, prompts: list[list[int]], settings, *, stop: bool = True, record_trace=False, on_step=None):
+        """Decode a batch of equal-length prompts (B, P) with resolved ``settings``: the sampler's output (the
+        canvas ``generated`` (B, G), ``forwards``, ``seconds``). ``stop=False`` drops eos and the stop rules, so
+        every row fills the whole canvas (throughput benchmarks)."""
         tok = self.tokenizer
-        gen_length, block = self.canvas_length(len(prompt_ids), settings)
+        gen_length, block = self.canvas_length(len(prompts[0]), settings)
         g = torch.Generator(device=self.device).manual_seed(settings.seed)
         step_cb = None if on_step is None else (lambda canvas: on_step(canvas[0].tolist()))
-        out = diffusion_generate(self.model, torch.tensor([prompt_ids], device=self.device), gen_length=gen_length,
-                                 block_length=block, strategy=build_strategy(settings.strategy, settings, block),
-                                 mask_id=tok.mask_id, eos_id=tok.eos_id, temperature=settings.temperature,
-                                 generator=g, use_prefix_cache=settings.use_prefix_cache,
-                                 record_trace=record_trace, on_step=step_cb, cfg_scale=settings.cfg_scale,
-                                 end_ids=(tok.im_end_id,), min_new_tokens=settings.min_new_tokens,
-                                 eos_after_text=settings.eos_after_text)
+        return diffusion_generate(self.model, torch.tensor(prompts, device=self.device), gen_length=gen_length,
+                                  block_length=block, strategy=build_strategy(settings.strategy, settings, block),
+                                  mask_id=tok.mask_id, eos_id=tok.eos_id if stop else None,
+                                  temperature=settings.temperature, generator=g,
+                                  use_prefix_cache=settings.use_prefix_cache, record_trace=record_trace,
+                                  on_step=step_cb, cfg_scale=settings.cfg_scale,
+                                  end_ids=(tok.im_end_id,) if stop else (), min_new_tokens=settings.min_new_tokens,
+                                  eos_after_text=settings.eos_after_text)
+
+    def generate(self, prompt_ids, settings, *, record_trace=False, on_step=None) -> Generation:
+        gen_length, block = self.canvas_length(len(prompt_ids), settings)
+        out = self.decode([prompt_ids], settings, record_trace=record_trace, on_step=on_step)
         return Generation(tokens=self.cut_at_stop(out.generated[0].tolist()), produced=gen_length,
                           forwards=out.forwards, first_token_seconds=out.first_round_seconds, seconds=out.seconds,
                           extra={"steps_per_block": out.steps_per_block, "block_length": block},
