@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from nanollada.data.preference import preference_documents
-from nanollada.data.records import ReadStats, is_validation, iter_records
+from nanollada.data.records import DataError, ReadStats, is_validation, iter_records
+from nanollada.errors import UserError
 from nanollada.tokenizer import Tokenizer
 
 CACHE_VERSION = 2  # 2: special pieces typed in the text are encoded as plain text (Tokenizer.encode)
@@ -70,6 +71,17 @@ class _SplitWriter:
         return {"documents": len(self.offsets) - 1, "tokens": self.n_tokens, "characters": self.chars}
 
 
+class MissingDataFile(UserError, FileNotFoundError):
+    """A data file that is not there (the message is ``missing_data_message``)."""
+
+
+def no_records_error(path: str, kind: str, skipped: int) -> DataError:
+    """The error for a data file without a single usable record (empty, or every line skipped)."""
+    why = f"all {skipped} non-blank lines were malformed and skipped (skip_bad_lines)" if skipped else \
+        "the file is empty or holds only blank lines"
+    return DataError(f"{path}: no records: {why}; give a {kind} jsonl file with at least one record")
+
+
 def missing_data_message(path: str) -> str:
     """The error for a data file that is not there: the path as given, where it resolved, and how to fix it."""
     return (f"data file not found: {path} (resolved to {os.path.abspath(path)}); check the config's data paths, "
@@ -82,12 +94,16 @@ def build_cache(path: str, kind: str, tokenizer: Tokenizer, cache_root: str, val
     """Tokenize ``path`` into ``cache_root/<key>/`` unless that cache exists; return the directory.
 
     ``max_len`` truncates SFT conversations (counted in meta.json as ``truncated``). ``progress(n)`` is called after
-    each record read while building (n = records so far; e.g. ``nanollada prepare``'s progress lines).
+    each record read while building (n = records so far; e.g. ``nanollada prepare``'s progress lines). A missing
+    file raises ``MissingDataFile``, a file without records ``DataError``.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(missing_data_message(path))
+        raise MissingDataFile(missing_data_message(path))
     final = Path(cache_root) / cache_key(path, kind, tokenizer, val_fraction, max_len)
     if (final / "meta.json").is_file():
+        meta = json.loads((final / "meta.json").read_text())
+        if meta["records"] == 0:  # a cache built before empty files were refused
+            raise no_records_error(path, kind, meta["skipped"])
         return final
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +144,8 @@ def build_cache(path: str, kind: str, tokenizer: Tokenizer, cache_root: str, val
             if len(batch) == 512:
                 flush()
         flush()
+        if stats.records == 0:
+            raise no_records_error(path, kind, stats.skipped)
         meta = {"file": str(path), "kind": kind, "tokenizer": tokenizer.fingerprint(), "vocab_size":
                 tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "val_fraction": val_fraction,
                 "truncated": truncated, **{k: v for k, v in asdict(stats).items()},

@@ -9,7 +9,8 @@ diffusion see the same files, rows and order.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import lightning as L
@@ -19,8 +20,11 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from nanollada.data.cache import TokenCache, build_cache
 from nanollada.data.preference import PreferencePairs
-from nanollada.data.records import KINDS, SHARED_VAL_FRACTION
+from nanollada.data.records import KINDS, SHARED_VAL_FRACTION, DataError
+from nanollada.errors import ConfigError
 from nanollada.tokenizer import Tokenizer
+
+CUT_WARN_SHARE = 0.1  # warn when this share of a split's SFT rows lost every answer token to the seq_len cut
 
 
 class PackedRows(Dataset):
@@ -59,6 +63,16 @@ class Conversations(Dataset):
                 "loss_mask": torch.from_numpy(np.asarray(self.cache.mask[a:b], dtype=np.bool_))}
 
 
+def answer_tokens(cache: TokenCache) -> np.ndarray:
+    """Loss-mask tokens (answer content + ``<|im_end|>``) of every document of an SFT cache split, (n_docs,) int64."""
+    lengths = np.diff(cache.offsets)
+    out = np.zeros(len(lengths), dtype=np.int64)
+    nonempty = lengths > 0
+    if nonempty.any():  # reduceat sums mask[start_i:start_(i+1)]; an empty document (none in practice) adds none
+        out[nonempty] = np.add.reduceat(cache.mask, cache.offsets[:-1][nonempty], dtype=np.int64)
+    return out
+
+
 class MixtureSampler(Sampler[int]):
     """Infinite stream of indices into a ConcatDataset of files, mixed by weight, deterministic and resumable.
 
@@ -70,7 +84,8 @@ class MixtureSampler(Sampler[int]):
     def __init__(self, sizes: list[int], weights: list[float], seed: int = 0, start: int = 0, rank: int = 0,
                  world_size: int = 1):
         if not any(n > 0 and w > 0 for n, w in zip(sizes, weights)):
-            raise ValueError("no training rows: every file is empty or has weight 0 (is seq_len too long?)")
+            raise DataError(f"no training rows: every file is empty or has weight 0 (sizes {sizes}, weights "
+                            f"{weights}; is data.seq_len too long for the files?)")
         self.sizes, self.weights, self.seed = sizes, weights, seed
         self.start, self.rank, self.world_size = start, rank, world_size
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -112,7 +127,9 @@ class LMDataModule(L.LightningDataModule):
             ``NANOLLADA_DATA`` environment variable overrides it.
         tokenizer: SentencePiece model file or directory; default: the tokenizer shipped with nanollada.
         seq_len: Tokens per training row (pretrain rows are packed to exactly this; SFT rows are truncated to it;
-            preference pairs are cut to it with the prompt kept shared, ``preference.truncate_pair``).
+            preference pairs are cut to it with the prompt kept shared, ``preference.truncate_pair``); at most the
+            model's ``max_seq_len``. SFT: a split whose every conversation lost all its answer tokens to the cut is
+            refused; 10% or more such rows print a warning (``check_answers``).
         batch_size: Rows per batch per device.
         val_fraction: Share of records held out by the SHA-1 rule; 2/256 is ../shared/data/README.md's split
             (0.125 its rule for the small preference files).
@@ -132,17 +149,22 @@ class LMDataModule(L.LightningDataModule):
                  num_workers: int = 0, seed: int = 0, predict_file: str | None = None):
         super().__init__()
         if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+            raise ConfigError(f"data.kind must be one of {KINDS}, got {kind!r}")
         if weights is not None and len(weights) != len(train_files):
-            raise ValueError(f"{len(weights)} weights for {len(train_files)} train_files")
+            raise ConfigError(f"data.weights: {len(weights)} weights for {len(train_files)} train_files")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if seq_len < 2:
+            raise ConfigError(f"data.seq_len must be >= 2, got {seq_len}")
         self.save_hyperparameters()
         root = os.environ.get("NANOLLADA_DATA") or data_root
         self.files = [f if root is None or os.path.isabs(f) else os.path.join(root, f) for f in train_files]
         self.weights = list(weights) if weights is not None else [1.0] * len(train_files)
         self.kind, self.seq_len, self.batch_size = kind, seq_len, batch_size
-        self.tokenizer = Tokenizer(tokenizer)
+        try:
+            self.tokenizer = Tokenizer(tokenizer)
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.tokenizer: {e}") from None
         self.train_set = self.val_set = None
 
     def cache_jobs(self) -> list[dict]:
@@ -159,8 +181,17 @@ class LMDataModule(L.LightningDataModule):
     def _predicting(self) -> bool:
         return self.trainer is not None and self.trainer.state.fn == "predict"
 
+    def check_fits_model(self) -> None:
+        """``data.seq_len`` must fit the attached model's ``max_seq_len`` (checked before any caching or forward)."""
+        model = getattr(self.trainer, "lightning_module", None)
+        limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+        if limit is not None and self.seq_len > limit:
+            raise ConfigError(f"data.seq_len {self.seq_len} is longer than model.max_seq_len {limit} (the positions "
+                              f"the model covers): set data.seq_len <= {limit}, or raise model.max_seq_len")
+
     def prepare_data(self) -> None:
         if not self._predicting():  # predict reads prompts, not the training corpora
+            self.check_fits_model()
             self._cache_dirs()
 
     def _datasets(self, split: str) -> list[Dataset]:
@@ -174,6 +205,7 @@ class LMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
             return
+        self.check_fits_model()
         if self.train_set is None:
             self.train_parts = self._datasets("train")
             self.train_set = ConcatDataset(self.train_parts)
@@ -182,6 +214,32 @@ class LMDataModule(L.LightningDataModule):
             # evenly spaced rows, so a capped validation set still covers every file (and language) of the mix
             self.val_set = torch.utils.data.Subset(val, np.linspace(0, len(val) - 1, n).round().astype(int).tolist()
                                                    if n else [])
+        if self.kind == "sft":
+            if stage in ("fit", None):
+                self.check_answers("train", self.train_parts)
+            self.check_answers("val", self.val_set.dataset.datasets, self.val_set.indices)
+
+    def check_answers(self, split: str, parts: list[Conversations], rows: Sequence[int] | None = None) -> None:
+        """SFT rows whose answers were all cut away by ``seq_len`` (prompt longer than it) carry no loss: refuse a
+        split (``rows`` of it) without a single answer token, warn when at least ``CUT_WARN_SHARE`` of it is such
+        rows."""
+        counts = np.concatenate([answer_tokens(p.cache) for p in parts])
+        if rows is not None:
+            counts = counts[np.asarray(rows, dtype=np.int64)]
+        n, empty = len(counts), int((counts == 0).sum())
+        if n == 0 or empty < CUT_WARN_SHARE * n:
+            return
+        cut = sum(int(p.cache.meta["truncated"]) for p in parts)
+        records = sum(int(p.cache.meta["records"]) for p in parts)
+        where = (f"of {', '.join(self.files)} (data.seq_len={self.seq_len}; {cut:,} of the files' {records:,} "
+                 "conversations were cut to it)")
+        if empty == n:
+            raise DataError(f"no answer tokens in the {split} rows {where}: all {n:,} {split} conversations lost every "
+                            "answer token to the cut (prompts longer than seq_len), so the loss would be 0; raise "
+                            "data.seq_len or shorten the prompts")
+        if getattr(self.trainer, "is_global_zero", True):
+            print(f"[nanollada] warning: {empty:,} of {n:,} {split} conversations ({empty / n:.0%}) lost every answer "
+                  f"token to the cut and add nothing to the loss {where}", file=sys.stderr)
 
     def _collate(self):
         cls = getattr(self.trainer.lightning_module, "collate_cls", None) if self.trainer else None
@@ -204,8 +262,8 @@ class LMDataModule(L.LightningDataModule):
         ``trainer.limit_val_batches`` caps batches per rank; ``max_val_rows`` is the cap that ignores the device count.
         """
         if len(self.val_set) == 0:
-            raise ValueError(f"no validation rows in {self.files} (val_fraction={self.hparams.val_fraction}); "
-                             "raise val_fraction or give longer files")
+            raise DataError(f"no validation rows in {', '.join(self.files)} (data.val_fraction="
+                            f"{self.hparams.val_fraction}); raise val_fraction or give longer files")
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         rows = self.val_set if world == 1 else torch.utils.data.Subset(self.val_set,
                                                                        range(rank, len(self.val_set), world))

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanollada.errors import UserError
 from nanollada.tokenizer import ROLES
 
 SHARED_VAL_FRACTION = 2 / 256
@@ -27,8 +28,8 @@ PREFERENCE_VAL_FRACTION = 2 / 16
 KINDS = ("pretrain", "sft", "preference")
 
 
-class DataError(ValueError):
-    """A malformed input line; the message starts with ``file:line:``."""
+class DataError(UserError, ValueError):
+    """A data file that cannot be used; the message names it (``file:line:`` first for a malformed line)."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchmetrics import SumMetric
 
 from nanollada.checkpoint import AtomicCheckpointIO
+from nanollada.errors import ConfigError
 from nanollada.loading import LoadedModel, backbone_state, load_checkpoint, read_checkpoint  # noqa: F401
 from nanollada.model import ModelConfig, Transformer, document_attention_mask, load_matching_weights
 from nanollada.tokenizer import CHAT_KINDS, Tokenizer
@@ -89,7 +90,10 @@ class LanguageModel(L.LightningModule):
                  nonfinite_loss: Literal["error", "skip"] = "error"):
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer = Tokenizer(tokenizer)
+        try:
+            self.tokenizer = Tokenizer(tokenizer)
+        except FileNotFoundError as e:
+            raise ConfigError(f"model.tokenizer (linked to data.tokenizer): {e}") from None
         overrides = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                                            n_kv_heads=n_kv_heads).items() if v is not None}
         self.config = ModelConfig.from_preset(preset, vocab_size=self.tokenizer.vocab_size, max_seq_len=max_seq_len,
@@ -109,12 +113,19 @@ class LanguageModel(L.LightningModule):
     def load_weights_from(self, path: str, into: torch.nn.Module | None = None,
                           what: str = "init_from") -> dict[str, list[str]]:
         """Weight-matching load of a backbone (``into``, default this model's) from a nanollada checkpoint; prints
-        and returns the report (``what`` names the setting in the message)."""
-        payload = read_checkpoint(path)
+        and returns the report (``what`` names the setting in the message). A missing or unreadable file, or one
+        trained with another tokenizer (the message names both tokenizer files), raises ``ConfigError``."""
+        try:
+            payload = read_checkpoint(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.{what}: {e}") from None
         theirs = payload["nanollada"]
         if theirs.get("tokenizer_fingerprint") not in (None, self.tokenizer.fingerprint()):
-            raise ValueError(f"{path} was trained with another tokenizer ({theirs['tokenizer_fingerprint']}) than "
-                             f"this model's ({self.tokenizer.fingerprint()}); token ids would not match")
+            their_file = theirs.get("tokenizer_path", "a tokenizer file not recorded in the checkpoint")
+            raise ConfigError(f"model.{what} {path} was trained with tokenizer {their_file} (fingerprint "
+                              f"{theirs['tokenizer_fingerprint']}), not with data.tokenizer {self.tokenizer.path} "
+                              f"(fingerprint {self.tokenizer.fingerprint()}); token ids would not match: set "
+                              f"data.tokenizer to {their_file}, or start from a checkpoint of {self.tokenizer.path}")
         report = load_matching_weights(self.model if into is None else into, backbone_state(payload["state_dict"]))
         print(f"[nanollada] {what} {path} ({theirs.get('paradigm')}): {len(report['matched'])} tensors matched, "
               f"missing {report['missing']}, unexpected {report['unexpected']}, "
@@ -143,6 +154,7 @@ class LanguageModel(L.LightningModule):
             "paradigm": self.paradigm, "model_config": self.config.to_dict(),
             "paradigm_config": self.paradigm_config(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+            "tokenizer_path": str(self.tokenizer.path),  # named by the init_from tokenizer check
             "data_kind": getattr(getattr(self.trainer, "datamodule", None), "kind", "pretrain"),
             "tokenizer_model": torch.frombuffer(bytearray(self.tokenizer.model_bytes), dtype=torch.uint8),
         }
@@ -171,7 +183,8 @@ class LanguageModel(L.LightningModule):
                                 betas=tuple(self.hparams.betas), fused=fused)
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
         if total <= 0 and self.hparams.schedule != "constant":
-            raise ValueError("set trainer.max_steps: the LR schedule is defined over optimizer steps")
+            raise ConfigError(f"set trainer.max_steps (> 0): model.schedule {self.hparams.schedule} is defined over "
+                              "optimizer steps")
         h = self.hparams
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
             s, h.warmup_steps, total, h.schedule, h.min_lr_ratio, h.decay_fraction))
@@ -263,7 +276,7 @@ class LanguageModel(L.LightningModule):
         if stage == "fit" and self.hparams.nonfinite_loss == "skip" and self.trainer.world_size > 1:
             # Lightning documents returning None from training_step as unsupported with several devices: one rank
             # skipping its backward leaves the others waiting in the gradient all-reduce.
-            raise ValueError(f"model.nonfinite_loss: skip is not supported with several devices (world_size="
+            raise ConfigError(f"model.nonfinite_loss: skip is not supported with several devices (world_size="
                              f"{self.trainer.world_size}): a skipped batch on one rank would hang the others; use "
                              "nonfinite_loss: error")
         io = getattr(self.trainer.strategy, "checkpoint_io", None)
@@ -279,11 +292,11 @@ class LanguageModel(L.LightningModule):
         data = getattr(self.trainer, "datamodule", None)
         tok = getattr(data, "tokenizer", None)
         if tok is not None and tok.fingerprint() != self.tokenizer.fingerprint():
-            raise ValueError(f"data tokenizer {tok.path} differs from the model's {self.tokenizer.path}; "
+            raise ConfigError(f"data tokenizer {tok.path} differs from the model's {self.tokenizer.path}; "
                              "set data.tokenizer (linked to model.tokenizer) to one file")
         pairs = getattr(data, "kind", "pretrain") == "preference"
         if data is not None and pairs != self.consumes_pairs:
-            raise ValueError(f"{type(self).__name__} " + ("trains on preference pairs: set data.kind: preference" if
+            raise ConfigError(f"{type(self).__name__} " + ("trains on preference pairs: set data.kind: preference" if
                              self.consumes_pairs else "does not train on preference pairs (data.kind: preference "
                              "is for the DPO modules, e.g. nanollada.lm.ARDPO)"))
         # After Lightning restored a --ckpt_path (trainer.ckpt_path is known only from then on) and after the

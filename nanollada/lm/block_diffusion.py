@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nanollada.data.collate import DiffusionCollate
+from nanollada.errors import ConfigError
 from nanollada.evaluation.block_likelihood import block_diffusion_elbo, block_diffusion_logits, pad_to_blocks
 from nanollada.lm.base import LanguageModel
 from nanollada.noise import IIDTime, MaskRatioSampler, drop_prompts, mask_probability
@@ -50,11 +51,11 @@ class BlockSizeSchedule:
         self.warmup_sizes, self.decay_sizes = list(warmup_sizes or []), list(decay_sizes or [])
         self.warmup_steps, self.stable_steps, self.decay_steps = warmup_steps, stable_steps, decay_steps
         if min(warmup_steps, stable_steps, decay_steps) < 0:
-            raise ValueError("BlockSizeSchedule step counts must be >= 0")
+            raise ConfigError("BlockSizeSchedule step counts must be >= 0")
         if any(b < 1 for b in self.warmup_sizes + self.decay_sizes):
-            raise ValueError(f"block sizes must be >= 1, got {self.warmup_sizes + self.decay_sizes}")
+            raise ConfigError(f"block sizes must be >= 1, got {self.warmup_sizes + self.decay_sizes}")
         if (warmup_steps > 0) != bool(self.warmup_sizes) or (decay_steps > 0) != bool(self.decay_sizes):
-            raise ValueError("give warmup_sizes with warmup_steps > 0 (and decay_sizes with decay_steps > 0)")
+            raise ConfigError("give warmup_sizes with warmup_steps > 0 (and decay_sizes with decay_steps > 0)")
 
     @staticmethod
     def _slice(sizes: list[int], step: int, steps: int) -> int:
@@ -144,15 +145,15 @@ class BlockDiffusionLM(LanguageModel):
                  self_corrupt: bool = False, prompt_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+            raise ConfigError(f"block_size must be >= 1, got {block_size}")
         if cap_lambda < 0:
-            raise ValueError(f"cap_lambda must be >= 0, got {cap_lambda}")
+            raise ConfigError(f"cap_lambda must be >= 0, got {cap_lambda}")
         if val_samples < 1:
-            raise ValueError(f"val_samples must be >= 1, got {val_samples}")
+            raise ConfigError(f"val_samples must be >= 1, got {val_samples}")
         if not 0.0 <= prompt_dropout <= 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+            raise ConfigError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         if not 0.0 <= edit_rate < 1.0 or t2t_weight < 0 or edit_warmup_steps < 0:
-            raise ValueError(f"need 0 <= edit_rate < 1, t2t_weight >= 0, edit_warmup_steps >= 0; got {edit_rate}, "
+            raise ConfigError(f"need 0 <= edit_rate < 1, t2t_weight >= 0, edit_warmup_steps >= 0; got {edit_rate}, "
                              f"{t2t_weight}, {edit_warmup_steps}")
         special = set(self.tokenizer.special_ids)
         self.register_buffer("ordinary_ids", torch.tensor([i for i in range(self.tokenizer.vocab_size)
@@ -194,7 +195,7 @@ class BlockDiffusionLM(LanguageModel):
             sizes = [self.hparams.block_size] + (self.block_schedule.sizes() if self.block_schedule else [])
             for b in sizes:
                 if seq_len % b:
-                    raise ValueError(f"data.seq_len={seq_len} is not a multiple of the block size {b} "
+                    raise ConfigError(f"data.seq_len={seq_len} is not a multiple of the block size {b} "
                                      f"(model.block_size / model.block_schedule): every block must be whole")
 
     def current_block_size(self, seq_len: int) -> int:

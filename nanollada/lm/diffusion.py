@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from nanollada.data.collate import DiffusionCollate
+from nanollada.errors import ConfigError
 from nanollada.evaluation.likelihood import diffusion_elbo
 from nanollada.lm.base import LanguageModel
 from nanollada.noise import IIDTime, MaskRatioSampler, apply_random_mask, drop_prompts, mask_probability
@@ -92,13 +93,13 @@ class MaskedDiffusionLM(LanguageModel):
                  prompt_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= random_length_prob <= 1.0:
-            raise ValueError(f"random_length_prob must be in [0, 1], got {random_length_prob}")
+            raise ConfigError(f"random_length_prob must be in [0, 1], got {random_length_prob}")
         if not 0.0 <= prompt_dropout <= 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+            raise ConfigError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         if not 0.0 <= eos_pad_weight <= 1.0:
-            raise ValueError(f"eos_pad_weight must be in [0, 1], got {eos_pad_weight}")
+            raise ConfigError(f"eos_pad_weight must be in [0, 1], got {eos_pad_weight}")
         if val_samples < 1:
-            raise ValueError(f"val_samples must be >= 1, got {val_samples}")
+            raise ConfigError(f"val_samples must be >= 1, got {val_samples}")
         self.mask_ratio = mask_ratio if mask_ratio is not None else IIDTime()
         self.mask_id = self.tokenizer.mask_id
 

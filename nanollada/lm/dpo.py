@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torchmetrics import SumMetric
 
 from nanollada.data.collate import IGNORE_INDEX, DiffusionCollate
+from nanollada.errors import ConfigError
 from nanollada.evaluation.block_likelihood import block_diffusion_logits, pad_to_blocks
 from nanollada.lm.ar import ARLM
 from nanollada.lm.base import LanguageModel
@@ -91,7 +92,7 @@ class DPOMixin:
     def __init__(self, beta: float = 0.1, reference_from: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
+            raise ConfigError(f"beta must be > 0, got {beta}")
         self.reference = Transformer(self.config).requires_grad_(False)
         self.dpo_sums = torch.nn.ModuleDict({k: SumMetric().set_dtype(torch.float64) for k in EVAL_SUMS})
 
@@ -101,7 +102,7 @@ class DPOMixin:
     # ---------------------------------------------------------------- the reference
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.strategy.restore_checkpoint_after_setup:
-            raise ValueError(f"{type(self).__name__} supports one device or DDP, not "
+            raise ConfigError(f"{type(self).__name__} supports one device or DDP, not "
                              f"{type(self.trainer.strategy).__name__} (its frozen reference is not sharded)")
         super().setup(stage)
 
@@ -113,7 +114,7 @@ class DPOMixin:
         if self.hparams.reference_from:
             report = self.load_weights_from(self.hparams.reference_from, into=self.reference, what="reference_from")
             if report["missing"] or report["shape_mismatch"]:
-                raise ValueError(f"reference_from {self.hparams.reference_from} does not match the backbone: missing "
+                raise ConfigError(f"reference_from {self.hparams.reference_from} does not match the backbone: missing "
                                  f"{report['missing']}, shape mismatch {report['shape_mismatch']}")
         else:
             self.reference.load_state_dict(self.model.state_dict())
@@ -215,7 +216,7 @@ class DiffusionDPOMixin(DPOMixin):
                  noise_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if dpo_samples < 1 or val_samples < 1:
-            raise ValueError(f"dpo_samples and val_samples must be >= 1, got {dpo_samples}, {val_samples}")
+            raise ConfigError(f"dpo_samples and val_samples must be >= 1, got {dpo_samples}, {val_samples}")
         self.mask_id = self.tokenizer.mask_id
 
     def _generator(self, train: bool, batch_idx: int) -> torch.Generator:
@@ -307,7 +308,7 @@ class BlockDiffusionDPO(DiffusionDPOMixin, LanguageModel):
     def __init__(self, block_size: int = 32, **kwargs):
         super().__init__(**kwargs)
         if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+            raise ConfigError(f"block_size must be >= 1, got {block_size}")
 
     def paradigm_config(self) -> dict:
         return {"block_size": self.hparams.block_size, "editing_trained": False}
