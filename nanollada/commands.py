@@ -10,15 +10,19 @@ import argparse
 
 def tokenizer_command(argv: list[str]) -> None:
     """train a SentencePiece tokenizer, or measure its characters per token"""
-    parser = argparse.ArgumentParser(prog="nanollada tokenizer", description=tokenizer_command.__doc__)
+    from nanollada.cli_help import HelpFormatter
+    parser = argparse.ArgumentParser(prog="nanollada tokenizer", description=tokenizer_command.__doc__,
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
-    tr = sub.add_parser("train", help="train a BPE tokenizer (byte fallback) on jsonl/jsonl.gz files")
+    about = "train a BPE tokenizer (byte fallback) on jsonl/jsonl.gz files"
+    tr = sub.add_parser("train", help=about, description=about, formatter_class=HelpFormatter)
     tr.add_argument("--input", nargs="+", required=True, help="pretrain or SFT jsonl(.gz) files")
-    tr.add_argument("--vocab-size", type=int, default=8192)
+    tr.add_argument("--vocab-size", type=int, default=8192, help="pieces in the vocabulary, special pieces included")
     tr.add_argument("--output", required=True, help="directory for tokenizer.model")
     tr.add_argument("--max-sentences", type=int, default=2_000_000, help="reservoir sample size of texts")
-    st = sub.add_parser("stats", help="characters per token of a tokenizer on jsonl/jsonl.gz files")
-    st.add_argument("--input", nargs="+", required=True)
+    about = "characters per token of a tokenizer on jsonl/jsonl.gz files"
+    st = sub.add_parser("stats", help=about, description=about, formatter_class=HelpFormatter)
+    st.add_argument("--input", nargs="+", required=True, help="pretrain or SFT jsonl(.gz) files to measure")
     st.add_argument("--tokenizer", default=None, help="model file or directory (default: the shipped one)")
     st.add_argument("--validation-only", action="store_true", help="only the records of the validation split")
     args = parser.parse_args(argv)

@@ -237,24 +237,35 @@ def prepare_config(path: str | os.PathLike, cache_dir: str | None = None, tokeni
 def prepare_command(argv: list[str]) -> None:
     """tokenize pretrain/SFT files into token caches once (from fit configs or a file list) and summarise them"""
     import argparse
-    parser = argparse.ArgumentParser(prog="nanollada prepare", description=prepare_command.__doc__, epilog=(
+
+    from nanollada.cli_help import HelpFormatter
+    parser = argparse.ArgumentParser(prog="nanollada prepare", description=prepare_command.__doc__,
+                                     formatter_class=HelpFormatter, epilog=(
         "With --config the caches match what `nanollada fit --config` builds (same cache keys), so training starts "
         "at once. Relative files resolve against $NANOLLADA_DATA, else the config's data.data_root / --data_root."))
     parser.add_argument("--config", action="append", default=[], help="fit config(s) (YAML); repeatable")
     parser.add_argument("--files", nargs="+", default=[], help="pretrain or SFT jsonl(.gz) files")
-    parser.add_argument("--kind", choices=list(KINDS), default=None, help="kind of --files (required)")
-    parser.add_argument("--weights", type=float, nargs="+", default=None, help="mixing weights of --files")
+    parser.add_argument("--kind", choices=list(KINDS), default=None, help="kind of --files (needed with --files)")
+    parser.add_argument("--weights", type=float, nargs="+", default=None, help="mixing weights of --files, one per "
+                        "file (default: 1 each)")
     parser.add_argument("--tokenizer", default=None, help="model file or directory (default: the config's, "
                         "else the shipped one)")
     parser.add_argument("--cache_dir", default=None, help="cache directory (default: the config's, else data/cache)")
-    parser.add_argument("--data_root", default=None, help="directory relative --files live in")
-    parser.add_argument("--val_fraction", type=float, default=SHARED_VAL_FRACTION)
-    parser.add_argument("--max_len", type=int, default=None, help="SFT: truncate conversations (= the config's "
-                        "seq_len, part of the cache key)")
-    parser.add_argument("--skip_bad_lines", action="store_true")
+    parser.add_argument("--data_root", default=None, help="directory relative --files live in; "
+                        "$NANOLLADA_DATA overrides it (default: the working directory)")
+    parser.add_argument("--val_fraction", type=float, default=SHARED_VAL_FRACTION,
+                        help="share of the --files records held out for validation by the SHA-1 rule (a --config "
+                             "uses its data.val_fraction) (default: 2/256, ../shared/data's split)")
+    parser.add_argument("--max_len", type=int, default=None, help="SFT: truncate conversations of --files to this "
+                        "many tokens (= a config's data.seq_len, part of the cache key) (default: no truncation)")
+    parser.add_argument("--skip_bad_lines", action="store_true",
+                        help="skip malformed lines of --files, counted in the summary, instead of stopping at the "
+                             "first with file:line (a --config uses its data.skip_bad_lines)")
     parser.add_argument("--progress_every", type=int, default=20_000, help="records between progress lines (0: off)")
-    parser.add_argument("--json", default=None, help="write the summaries as JSON to this file")
-    parser.add_argument("--markdown", default=None, help="write the summary tables to this markdown file")
+    parser.add_argument("--json", default=None, help="write the summaries as JSON to this file "
+                        "(default: none)")
+    parser.add_argument("--markdown", default=None, help="write the summary tables to this "
+                        "markdown file (default: none)")
     args = parser.parse_args(argv)
     if not args.config and not args.files:
         parser.error("give --config YAML or --files ... --kind pretrain|sft")
