@@ -35,9 +35,9 @@ def rel(p: Path) -> str:
 CHAIN = ["ar_pretrain", "diffusion_pretrain", "block_diffusion_pretrain", "diffusion_from_ar", "block_diffusion_from_ar",
          "block_diffusion_editing_cpt", "ar_sft", "diffusion_sft", "block_diffusion_sft", "block_diffusion_editing_sft"]
 REAL_CHAIN = [s for s in CHAIN if not s.endswith("diffusion_pretrain")]
-DPO = ["ar_dpo", "diffusion_dpo", "block_diffusion_dpo"]  # preference tuning (issue 13): tiny and real/cpu
+DPO = ["ar_dpo", "diffusion_dpo", "block_diffusion_dpo"]  # preference tuning (issue 13): tiny, real and real/cpu
 EXPECTED_CONFIGS = sorted([f"{s}.yaml" for s in CHAIN] + [f"tiny/{s}.yaml" for s in CHAIN + DPO]
-                          + [f"real/{s}.yaml" for s in REAL_CHAIN] + [f"real/cpu/{s}.yaml" for s in REAL_CHAIN + DPO]
+                          + [f"real/{s}.yaml" for s in REAL_CHAIN + DPO] + [f"real/cpu/{s}.yaml" for s in REAL_CHAIN + DPO]
                           + ["multi_gpu/ar_pretrain_ddp.yaml", "multi_gpu/diffusion_pretrain_fsdp.yaml"])
 # Parameters by hand (see tests/test_model.py): blocks + final norm, plus the tied embedding vocab x d.
 BODY, WIDTH = {"tiny": 2 * 101_568 + 96, "small": 6 * 705_024 + 256, "base": 8 * 2_819_072 + 512}, \
