@@ -223,7 +223,8 @@ def _eval_generate(args) -> None:
         if any(len(v) != 1 for v in overrides.values()):
             raise ValueError("--set takes one value per field (use --sweep for several)")
         settings = base_settings(args.max_new_tokens, **{k: v[0] for k, v in overrides.items()})
-        scoring = EvalSettings(batch_size=args.batch_size, samples=args.samples or 8, seed=args.seed)
+        scoring = EvalSettings(batch_size=args.batch_size, samples=8 if args.samples is None else args.samples,
+                               seed=args.seed)
     except (DataError, ValueError) as e:
         raise SystemExit(f"nanollada eval --generate: {e}")
     print(f"[generate] prompts: {where}", file=sys.stderr)
@@ -317,8 +318,9 @@ def eval_command(argv: list[str]) -> None:
     if not args.tasks:
         parser.error("give --tasks (or --generate --prompts P)")
     try:
-        settings = EvalSettings(batch_size=args.batch_size, samples=args.samples or 8, seed=args.seed,
-                                stride=args.stride, choice_samples=args.samples or 32)
+        settings = EvalSettings(batch_size=args.batch_size, samples=8 if args.samples is None else args.samples,
+                                seed=args.seed, stride=args.stride,
+                                choice_samples=32 if args.samples is None else args.samples)
         tasks = []
         for spec in args.tasks:
             tasks.append(resolve_task(spec, args.data_root, args.limit, args.text_split, args.val_fraction))
