@@ -126,7 +126,9 @@ def measure_quality(models: dict, vers: list[Version], prompts: list[str], max_n
         records = [generate_text(loaded, p, s) for p in prompts]
         row = {"version": v.label, "stage": v.stage, "settings": asdict(s),
                **score_run(loaded, records, judge, ScoringSettings(batch_size=8)),
-               "samples": [{"prompt": r["prompt"], "completion": r["completion"]} for r in records[:2]]}
+               # the first prompt of each half (the default prompts: English, then Chinese)
+               "samples": [{"prompt": r["prompt"], "completion": r["completion"]}
+                           for r in (records[0], records[len(records) // 2])]}
         rows.append(row)
         print(f"[versions] quality {v.label}: judge ppl {row.get('judge_ppl')}, rep4 {row['rep4']:.3f}, "
               f"{row['mean_tokens']:.1f} tokens, {row['empty']} empty, TPF {row['tpf']:.2f}", file=sys.stderr)
@@ -153,7 +155,8 @@ def markdown(result: dict) -> str:
         for smp in r["samples"]:
             text = smp["completion"].replace("\n", "\\n").replace("|", "\\|")
             text = text[:160] + ("..." if len(text) > 160 else "")
-            lines.append(f"- {label} -- *{smp['prompt'][:60]}* -> {text or '(empty)'}")
+            prompt = smp["prompt"][:60].replace("\n", " ").replace("|", "\\|")
+            lines.append(f"- {label} -- *{prompt}* -> {text or '(empty)'}")
     return "\n".join(lines) + "\n"
 
 

@@ -104,9 +104,8 @@ PROFILES = {
                 compare=["--max_new_tokens", "64", "--block_length", "32", "--strategies",
                          "[low_confidence, threshold]"],
                 eval_tasks=EVAL_TASKS, eval_args=["--limit", "32", "--samples", "4", "--batch_size", "16"],
-                generate_prompts=HELDOUT_SFT, generate_limit=8,
-                generate=["--max_new_tokens", "48", "--strategies", "low_confidence", "threshold",
-                          "--sweep", "threshold=0.5,0.9"]),
+                generate_prompts=HELDOUT_SFT, generate_limit=4,  # 4 en + 4 zh: ~1 min per decoder on 2 cores
+                generate=["--max_new_tokens", "32", "--strategies", "threshold", "--sweep", "threshold=0.5,0.9"]),
     "gpu": dict(configs="configs/real", run="real", prompts=PROMPTS_EN + PROMPTS_ZH,
                 compare=["--max_new_tokens", "128", "--block_length", "32"],
                 eval_tasks=EVAL_TASKS, eval_args=["--limit", "1000", "--samples", "8", "--batch_size", "32"],
