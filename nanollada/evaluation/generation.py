@@ -295,11 +295,12 @@ def plot_sweep(result: dict, path: str) -> str | None:
     for r in result["rows"]:
         curves.setdefault(r["curve"], []).append(r)
     for ax, (key, title) in zip(axes[0], panels):
-        for name, rows in curves.items():
+        for i, (name, rows) in enumerate(curves.items()):  # one colour per curve in every panel
             rows = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r["tokens_per_s"])
             if not rows:
                 continue
-            ax.plot([r["tokens_per_s"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+            ax.plot([r["tokens_per_s"] for r in rows], [r[key] for r in rows], marker="o", label=name,
+                    color=f"C{i % 10}")
             for r in rows:
                 if r["point"]:
                     ax.annotate(short_label(r["point"]), (r["tokens_per_s"], r[key]), fontsize=6,
