@@ -389,17 +389,23 @@ class Pipeline:
                              *self.profile["compare"])
         for p in self.profile["prompts"]:
             cmd += ["--prompt", p]
+        from nanollada.evaluation.compare import format_table
+        return self.run_tabled("compare", cmd, format_table)
+
+    def run_tabled(self, stage: str, cmd: list[str], format_table) -> dict:
+        """Run a command that writes ``<stage>/<stage>.json`` (on ``--device`` when given), fail the stage on a
+        non-zero exit, and write that JSON as ``<stage>/<stage>.md`` with ``format_table``."""
+        d = self.stage_dir(stage)
         if self.args.device:
-            cmd += ["--device", self.args.device]
-        rc, out = self.run_cmd(cmd, d / "compare.log")
+            cmd = [*cmd, "--device", self.args.device]
+        rc, out = self.run_cmd(cmd, d / f"{stage}.log")
         if rc:
-            self.fail("compare", rc, out)
+            self.fail(stage, rc, out)
         if self.args.dry_run:
             return {}
-        from nanollada.evaluation.compare import format_table
-        result = json.loads((d / "compare.json").read_text(encoding="utf-8"))
-        (d / "compare.md").write_text(format_table(result).strip() + "\n", encoding="utf-8")
-        return {"table": str(d / "compare.md")}
+        result = json.loads((d / f"{stage}.json").read_text(encoding="utf-8"))
+        (d / f"{stage}.md").write_text(format_table(result).strip() + "\n", encoding="utf-8")
+        return {"table": str(d / f"{stage}.md")}
 
     def stage_eval(self) -> dict:
         from nanollada.commands import COMMANDS
@@ -450,17 +456,9 @@ class Pipeline:
                              "--judge", str(self.final_ckpt("ar_sft")), "--prompts", str(path),
                              *self.profile["generate"], "--output", str(d / "generate.json"),
                              "--plot", str(d / "generate.png"))
-        if self.args.device:
-            cmd += ["--device", self.args.device]
-        rc, out = self.run_cmd(cmd, d / "generate.log")
-        if rc:
-            self.fail("generate", rc, out)
-        if self.args.dry_run:
-            return {}
         from nanollada.evaluation.generation import format_sweep
-        result = json.loads((d / "generate.json").read_text(encoding="utf-8"))
-        (d / "generate.md").write_text(format_sweep(result).strip() + "\n", encoding="utf-8")
-        return {"table": str(d / "generate.md"), "plot": str(d / "generate.png")}
+        info = self.run_tabled("generate", cmd, format_sweep)
+        return {**info, "plot": str(d / "generate.png")} if info else info
 
     def stage_results(self) -> dict:
         if self.args.dry_run:
