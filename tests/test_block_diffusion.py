@@ -254,3 +254,91 @@ def test_merge_averages_weights_into_a_normal_checkpoint(bd_runs, tmp_path):
     bad = run_cli(["merge", "--ckpt", conv, ar, "--output", tmp_path / "x.ckpt"], work)
     assert bad.returncode != 0 and "differs from" in bad.stderr and "paradigm" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "x.ckpt").exists()
+
+
+# ------------------------------------------------------------------------------------------------ training options
+def bd_lm(**kw):
+    """A tiny BlockDiffusionLM on the shipped tokenizer, attached to an unfitted Trainer (global step 0)."""
+    import lightning as L
+    from nanollada.lm import BlockDiffusionLM
+    torch.manual_seed(0)
+    lm = BlockDiffusionLM(preset="tiny", max_seq_len=64, **{"block_size": 4, **kw})
+    lm.trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    lm.log = lambda *a, **k: None
+    return lm
+
+
+def bd_spy(monkeypatch, boost: float = 0.0):
+    """Record what training_loss hands to block_diffusion_logits / block_diffusion_loss; ``boost`` adds that much to
+    the target's logit at every even position (so some predictions are right)."""
+    import nanollada.lm.block_diffusion as mod
+    seen, logits_fn, loss_fn = {}, mod.block_diffusion_logits, mod.block_diffusion_loss
+
+    def logits(model, noisy, clean, docs, block, inputs_embeds=None):
+        out = logits_fn(model, noisy, clean, docs, block, inputs_embeds=inputs_embeds)
+        if boost:
+            even = (torch.arange(clean.shape[1]) % 2 == 0)[None, :, None]
+            out = out + boost * F.one_hot(clean, out.shape[-1]) * even
+        seen.update(noisy=noisy, ids=clean, docs=docs, block=block, embeds=inputs_embeds, logits=out)
+        return out
+
+    def loss(logits_, ids, masked, eligible, p_mask):
+        seen.update(masked=masked, eligible=eligible, p_mask=p_mask)
+        return loss_fn(logits_, ids, masked, eligible, p_mask)
+    monkeypatch.setattr(mod, "block_diffusion_logits", logits)
+    monkeypatch.setattr(mod, "block_diffusion_loss", loss)
+    return seen
+
+
+def bd_sft_batch(tok, answers=("Four, I think.", "Hi!", "Hello there, how are you doing today my friend?")):
+    """Single-turn SFT rows of different lengths from DiffusionCollate (eos padding up to the longest + 1)."""
+    from nanollada.data.collate import DiffusionCollate
+    items = []
+    for a in answers:
+        ids, mask = tok.render_chat([{"role": "user", "content": "What is two plus two?"},
+                                     {"role": "assistant", "content": a}])
+        items.append({"tokens": torch.tensor(ids), "loss_mask": torch.tensor(mask)})
+    return DiffusionCollate("sft", tok.pad_id, tok.eos_id)(items), items
+
+
+def row_ce(logits, ids):
+    return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view_as(ids)
+
+
+def test_sft_rounds_each_row_up_to_whole_blocks_with_eos(monkeypatch):
+    """LLaDA 2.0 §5 effective length: row r (its tokens plus the first eos after its answer, n_r) is eligible up to
+    ceil(n_r / B) * B; the eos beyond are padding (not eligible, document -1: never attended)."""
+    lm = bd_lm(block_size=8)
+    tok = lm.tokenizer
+    seen = bd_spy(monkeypatch)
+    batch, items = bd_sft_batch(tok)
+    with torch.no_grad():
+        lm.training_loss(batch, 0)
+    ids, eligible, docs = seen["ids"], seen["eligible"], seen["docs"]
+    T = ids.shape[1]
+    assert T % 8 == 0 and T >= batch["input_ids"].shape[1]
+    spans = [(int(it["loss_mask"].nonzero()[0]), int(it["loss_mask"].nonzero()[-1]) + 1) for it in items]
+    assert len(set(-(-(n + 1) // 8) for _, n in spans)) > 1  # rows of different effective lengths
+    for r, (it, (start, n)) in enumerate(zip(items, spans)):
+        eff = -(-(n + 1) // 8) * 8  # the row, its first eos, then eos up to the block boundary
+        assert ids[r, :n].tolist() == it["tokens"][:n].tolist() and (ids[r, n:] == tok.eos_id).all()
+        assert eligible[r].tolist() == [start <= i < eff for i in range(T)], r
+        assert docs[r].tolist() == [0 if i < eff else -1 for i in range(T)], r
+    # the block mask keeps padding to itself
+    m = block_diffusion_mask(docs, 8)
+    pad = (docs < 0).repeat(1, 2)
+    assert not (m[:, 0] & (pad[:, :, None] != pad[:, None, :])).any()
+
+
+def test_pretraining_rows_are_not_cut_by_the_sft_rounding(monkeypatch):
+    lm = bd_lm(block_size=8)
+    seen = bd_spy(monkeypatch)
+    ids = torch.randint(10, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids[0, -1] = ids[1, 7] = lm.tokenizer.eos_id  # a document ending at the row's end, and one inside it
+    docs = torch.tensor([[0] * 16, [0] * 8 + [1] * 8])
+    batch = {"input_ids": ids, "eligible": torch.ones_like(ids, dtype=torch.bool), "doc_ids": docs}
+    with torch.no_grad():
+        lm.training_loss(batch, 0)
+    assert seen["eligible"].all() and torch.equal(seen["docs"], docs) and torch.equal(seen["ids"], ids)
+
+

@@ -13,9 +13,10 @@ next-token prediction from a mask token.
 
 AR -> BDLM conversion (LLaDA 2.0 §4.1) is a warmup-stable-decay schedule over the block size,
 :class:`BlockSizeSchedule`, a pure function of the optimizer step (so resume restores it exactly), logged as
-``train/block_size``. SFT options (LLaDA 2.0 §5): a mask-ratio band (``mask_ratio: ClippedBand``), complementary
-masking, and the confidence-aware CAP loss. Decoding: ``sampling.block_diffusion`` (threshold decoding with an exact
-cache of finished blocks).
+``train/block_size``. SFT (LLaDA 2.0 §5): every row's effective length is its answer and first eos rounded up to
+whole blocks with eos (``round_rows_to_blocks``; the eos beyond are unattended padding); options: a mask-ratio band
+(``mask_ratio: ClippedBand``), complementary masking, and the confidence-aware CAP loss. Decoding:
+``sampling.block_diffusion`` (threshold decoding with an exact cache of finished blocks).
 """
 
 from __future__ import annotations
@@ -85,6 +86,30 @@ def block_diffusion_loss(logits: torch.Tensor, ids: torch.Tensor, masked: torch.
     per_row = (ce * masked / p_mask).sum(1) / eligible.sum(1).clamp(min=1)
     has_loss = eligible.any(1)
     return (per_row * has_loss).sum() / has_loss.sum().clamp(min=1)
+
+
+def round_rows_to_blocks(ids: torch.Tensor, eligible: torch.Tensor, doc_ids: torch.Tensor, block_size: int,
+                         eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLaDA 2.0's effective length (§5): each SFT row ends at a block boundary, with eos.
+
+    The batch is right-padded with eos to a multiple of ``block_size`` (each new column eligible and in a document
+    as the row's last one), then row r keeps its eos padding eligible up to ceil(n_r / B) * B, where n_r counts the
+    row up to and including the first eos of its trailing run of eligible eos (the collate puts at least one after
+    every untruncated answer); the eos beyond that are padding: not eligible and document -1, never attended (as
+    ``pad_to_blocks``). A row without that trailing run (pretraining rows never hold two eos in a row; a truncated
+    answer) is only padded. (B, T) tensors in, (B, T') out, T' the multiple of ``block_size`` at or above T."""
+    B, T = ids.shape
+    extra = -T % block_size
+    if extra:
+        ids = torch.cat([ids, ids.new_full((B, extra), eos_id)], 1)
+        eligible = torch.cat([eligible, eligible[:, -1:].expand(B, extra)], 1)
+        doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(B, extra)], 1)
+    pad = eligible & (ids == eos_id)
+    trailing = pad.flip(1).long().cumprod(1).flip(1).bool()  # the run of eligible eos that ends the row
+    first = ids.shape[1] - trailing.sum(1)  # its first position (the row's length when there is none)
+    keep = -(-(first + 1) // block_size) * block_size  # ceil(n / B) * B, n = the row and its first eos
+    beyond = trailing & (torch.arange(ids.shape[1], device=ids.device)[None] >= keep[:, None])
+    return ids, eligible & ~beyond, doc_ids.masked_fill(beyond, -1)
 
 
 def cap_entropy(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -222,13 +247,7 @@ class BlockDiffusionLM(LanguageModel):
                             + self.global_rank)
         ids, eligible, docs = batch["input_ids"], batch["eligible"], self._doc_ids(batch)
         block = self.current_block_size(ids.shape[1])
-        # SFT rows: round the length up to whole blocks with eligible eos (the answer's padding, as LLaDA 2.0)
-        extra = -ids.shape[1] % block
-        if extra:
-            B = ids.shape[0]
-            ids = torch.cat([ids, ids.new_full((B, extra), self.tokenizer.eos_id)], 1)
-            eligible = torch.cat([eligible, eligible.new_ones((B, extra))], 1)
-            docs = torch.cat([docs, docs[:, -1:].expand(B, extra)], 1)
+        ids, eligible, docs = round_rows_to_blocks(ids, eligible, docs, block, self.tokenizer.eos_id)
         noisy, masked, p_mask = self.noise(ids, eligible, block, g)
         noisy = drop_prompts(noisy, eligible, docs >= 0, h.prompt_dropout, self.mask_id, g)  # for cfg_scale
         t2t = None
