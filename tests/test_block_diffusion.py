@@ -305,6 +305,34 @@ def row_ce(logits, ids):
     return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view_as(ids)
 
 
+def test_complementary_masking_views_are_disjoint_and_weighted_1_over_p_and_1_over_1_minus_p(monkeypatch):
+    lm = bd_lm(complementary_masking=True)
+    seen = bd_spy(monkeypatch)
+    batch, _ = bd_sft_batch(lm.tokenizer)
+    R = batch["input_ids"].shape[0]
+    with torch.no_grad():
+        loss = lm.training_loss(batch, 0)
+    masked, eligible, p, ids, noisy = seen["masked"], seen["eligible"], seen["p_mask"], seen["ids"], seen["noisy"]
+    assert masked.shape[0] == 2 * R and torch.equal(ids[:R], ids[R:]) and torch.equal(eligible[:R], eligible[R:])
+    first, second = masked[:R], masked[R:]
+    assert not (first & second).any()  # disjoint
+    assert torch.equal(first | second, eligible[:R])  # together exactly the eligible positions
+    assert first.any() and second.any()
+    mask_id = lm.tokenizer.mask_id
+    assert torch.equal(noisy[:R], torch.where(first, mask_id, ids[:R]))
+    assert torch.equal(noisy[R:], torch.where(second, mask_id, ids[:R]))  # the complement masks the clean row
+    assert (p == p[:, :1]).all()  # one time per row
+    torch.testing.assert_close(p[R:], (1 - p[:R]).clamp(min=1e-3))
+    # the loss by hand: row r of view 1 weighs its masked CE by 1/p_r, view 2 by 1/(1 - p_r); each divided by
+    # the row's eligible count; mean over the 2R rows (all have eligible tokens)
+    ce = row_ce(seen["logits"], ids)
+    n = eligible[:R].sum(1)
+    pr = p[:R, 0]
+    view1 = (ce[:R] * first).sum(1) / pr / n
+    view2 = (ce[R:] * second).sum(1) / (1 - pr) / n
+    assert loss.item() == pytest.approx(torch.cat([view1, view2]).mean().item(), rel=1e-5)
+
+
 def test_sft_rounds_each_row_up_to_whole_blocks_with_eos(monkeypatch):
     """LLaDA 2.0 §5 effective length: row r (its tokens plus the first eos after its answer, n_r) is eligible up to
     ceil(n_r / B) * B; the eos beyond are padding (not eligible, document -1: never attended)."""
