@@ -333,6 +333,54 @@ def test_complementary_masking_views_are_disjoint_and_weighted_1_over_p_and_1_ov
     assert loss.item() == pytest.approx(torch.cat([view1, view2]).mean().item(), rel=1e-5)
 
 
+def test_cap_entropy_is_the_mean_entropy_of_correct_masked_predictions():
+    from nanollada.lm.block_diffusion import cap_entropy
+    logits = torch.tensor([[[2.0, 0.0, 0.0],    # masked, argmax 0 == target 0: counts
+                            [0.0, 1.0, 0.0],    # masked, argmax 1 != target 0: wrong
+                            [0.0, 0.0, 3.0],    # argmax 2 == target 2 but not masked
+                            [0.5, -1.0, 0.2]]],  # masked, argmax 0 == target 0: counts
+                          requires_grad=True)
+    ids = torch.tensor([[0, 0, 2, 0]])
+    masked = torch.tensor([[True, True, False, True]])
+
+    def entropy(row):
+        p = [math.exp(x) for x in row]
+        p = [x / sum(p) for x in p]
+        return -sum(x * math.log(x) for x in p)
+    want = (entropy([2.0, 0.0, 0.0]) + entropy([0.5, -1.0, 0.2])) / 2
+    cap = cap_entropy(logits, ids, masked)
+    assert cap.item() == pytest.approx(want, rel=1e-6)
+    cap.backward()
+    # the gradient flows through the entropy of the counted positions only (the correctness mask is a constant)
+    assert (logits.grad[0, 1] == 0).all() and (logits.grad[0, 2] == 0).all()
+    for i in (0, 3):
+        row = logits[0, i].detach().clone().requires_grad_(True)
+        lp = F.log_softmax(row, -1)
+        (-(lp.exp() * lp).sum() / 2).backward()
+        torch.testing.assert_close(logits.grad[0, i], row.grad)
+    # none correct: 0, and no gradient
+    wrong = torch.tensor([[2, 2, 0, 2]])
+    z = logits.detach().requires_grad_(True)
+    cap0 = cap_entropy(z, wrong, masked)
+    assert cap0.item() == 0.0
+    cap0.backward()
+    assert (z.grad == 0).all()
+
+
+def test_cap_lambda_adds_lambda_times_cap_to_the_loss(monkeypatch):
+    from nanollada.lm.block_diffusion import cap_entropy
+    lm = bd_lm()
+    seen = bd_spy(monkeypatch, boost=20.0)
+    batch, _ = bd_sft_batch(lm.tokenizer)
+    with torch.no_grad():
+        base = lm.training_loss(batch, 0)
+        lm.hparams.cap_lambda = 0.7
+        with_cap = lm.training_loss(batch, 0)  # same step and batch index: the same masks
+    cap = cap_entropy(seen["logits"], seen["ids"], seen["masked"])
+    assert cap.item() > 0
+    assert with_cap.item() == pytest.approx(base.item() + 0.7 * cap.item(), rel=1e-5)
+
+
 def test_sft_rounds_each_row_up_to_whole_blocks_with_eos(monkeypatch):
     """LLaDA 2.0 §5 effective length: row r (its tokens plus the first eos after its answer, n_r) is eligible up to
     ceil(n_r / B) * B; the eos beyond are padding (not eligible, document -1: never attended)."""
