@@ -418,3 +418,29 @@ def test_pretraining_rows_are_not_cut_by_the_sft_rounding(monkeypatch):
     assert seen["eligible"].all() and torch.equal(seen["docs"], docs) and torch.equal(seen["ids"], ids)
 
 
+def test_per_block_time_is_constant_in_a_block_and_stratified_over_batch_x_blocks():
+    from nanollada.noise import EPS, StratifiedTime
+    calls = []
+
+    class Spy(StratifiedTime):
+        def __call__(self, batch_size, *a, **k):
+            calls.append(batch_size)
+            return super().__call__(batch_size, *a, **k)
+    lm = bd_lm(per_block_time=True, mask_ratio=Spy())
+    B, L, block = 3, 16, 4
+    ids = torch.randint(10, 500, (B, L))
+    eligible = torch.ones_like(ids, dtype=torch.bool)
+    _, masked, p = lm.noise(ids, eligible, block, torch.Generator().manual_seed(0))
+    K = L // block
+    assert calls == [B * K]  # one draw per (row, block)
+    blocks = p.view(B, K, block)
+    assert (blocks == blocks[..., :1]).all()  # constant inside a block
+    t = ((blocks[..., 0] - EPS) / (1 - EPS)).flatten()
+    assert len(set(t.tolist())) == B * K  # different across blocks
+    assert sorted((t * B * K).floor().long().tolist()) == list(range(B * K))  # one t per stratum [i, i+1)/(B K)
+    # per row (the default): one time for the whole row
+    lm.hparams.per_block_time = False
+    _, _, p_row = lm.noise(ids, eligible, block, torch.Generator().manual_seed(0))
+    assert calls[-1] == B and (p_row == p_row[:, :1]).all()
+
+
