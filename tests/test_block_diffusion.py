@@ -444,3 +444,31 @@ def test_per_block_time_is_constant_in_a_block_and_stratified_over_batch_x_block
     assert calls[-1] == B and (p_row == p_row[:, :1]).all()
 
 
+def test_embed_noise_touches_only_masked_embeddings_and_only_during_embed_noise_steps(monkeypatch):
+    """Mirror of test_training_options' masked-diffusion test: the same weights and masks, with and without noise."""
+    from nanollada.lm import BlockDiffusionLM
+    step = [0]
+    monkeypatch.setattr(BlockDiffusionLM, "global_step", property(lambda self: step[0]))
+    lm = bd_lm(embed_noise_std=0.5, embed_noise_steps=2)
+    seen = bd_spy(monkeypatch)
+    ids = torch.randint(10, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "eligible": torch.ones_like(ids, dtype=torch.bool),
+             "doc_ids": torch.zeros_like(ids)}
+    losses = {}
+    with torch.no_grad():
+        for s in range(4):
+            step[0] = s
+            for std in (0.5, 0.0):
+                lm.hparams.embed_noise_std = std
+                losses[s, std] = lm.training_loss(batch, 0).item()
+                if s == 0 and std == 0.5:
+                    embeds, masked, noisy = seen["embeds"], seen["masked"], seen["noisy"]
+                    clean = lm.model.embed(torch.cat([noisy, ids], 1))
+                    moved = (embeds - clean).abs().amax(-1) > 0
+                    assert masked.any() and torch.equal(moved, torch.cat([masked, torch.zeros_like(masked)], 1))
+                else:
+                    assert (seen["embeds"] is None) == (std == 0.0 or s >= 2)
+    assert all(abs(losses[s, 0.5] - losses[s, 0.0]) > 1e-4 for s in (0, 1)), losses
+    assert all(losses[s, 0.5] == losses[s, 0.0] for s in (2, 3)), losses  # no noise: bit-identical
+
+
