@@ -472,3 +472,32 @@ def test_embed_noise_touches_only_masked_embeddings_and_only_during_embed_noise_
     assert all(losses[s, 0.5] == losses[s, 0.0] for s in (2, 3)), losses  # no noise: bit-identical
 
 
+# ------------------------------------------------------------------------------------------------ decoding defaults
+def loaded(tok, paradigm: str, seed: int = 0):
+    from nanollada.loading import LoadedModel
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64,
+                      causal=paradigm == "ar")
+    return LoadedModel(Transformer(cfg).eval(), tok, paradigm, f"{paradigm}.ckpt",
+                       paradigm_config={"block_size": 8} if paradigm == "block_diffusion" else {})
+
+
+@pytest.mark.xfail(strict=True, reason="GenerationSettings.threshold is a plain float (0.9), not a paradigm-default "
+                   "field: needs threshold: float | None = None in PARADIGM_DEFAULT_FIELDS (generate.py) and 0.9 in "
+                   "Paradigm.default_generation (paradigms/base.py); remove this mark then")
+def test_block_diffusion_decodes_at_threshold_095_by_default(shipped_tokenizer):
+    """LLaDA 2.0 / dInfer threshold 0.95 for block diffusion; masked diffusion keeps its own; explicit values and
+    the editing presets still win."""
+    from nanollada.generate import GenerationSettings
+    bd = loaded(shipped_tokenizer, "block_diffusion").interface
+    md = loaded(shipped_tokenizer, "diffusion").interface
+    s = GenerationSettings().resolve(bd.default_generation())
+    assert s.threshold == 0.95 and s.strategy == "threshold"
+    assert json.loads(bd.decoding_key(GenerationSettings()))["threshold"] == 0.95
+    assert GenerationSettings().resolve(md.default_generation()).threshold == 0.9
+    assert GenerationSettings(threshold=0.7).resolve(bd.default_generation()).threshold == 0.7
+    assert GenerationSettings(editing="speedy").resolve(bd.default_generation()).editing_thresholds() == (0.5, 0.0)
+    custom = GenerationSettings(editing="custom").resolve(bd.default_generation())
+    assert custom.editing_thresholds() == (0.95, 0.9)  # HF LLaDA2.1's pair
+
+

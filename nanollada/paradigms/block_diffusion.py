@@ -87,10 +87,12 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
 
     # ------------------------------------------------------------------ generation
     def default_generation(self) -> dict:
-        """LLaDA 2.0's decoding: confidence-threshold commits (tau from ``threshold``) in blocks of the trained size,
-        greedy, with the exact cache of finished blocks (``use_kv_cache``)."""
-        return {**super().default_generation(), "temperature": 0.0, "block_length": self.block_size,
-                "use_prefix_cache": False}
+        """LLaDA 2.0's decoding: confidence-threshold commits at tau = 0.95 (LLaDA 2.0 / dInfer; ``threshold``) in
+        blocks of the trained size, greedy, with the exact cache of finished blocks (``use_kv_cache``). With
+        ``editing`` on, its preset's (tau_mask, tau_edit) decide instead (``editing: custom`` reads ``threshold``)."""
+        return {**super().default_generation(), "temperature": 0.0,
+                "threshold": 0.95,  # applies once GenerationSettings.threshold is a paradigm-default field
+                "block_length": self.block_size, "use_prefix_cache": False}
 
     def decoding_key(self, settings) -> str:
         """The masked-diffusion key plus token editing: with ``editing`` on, the resolved (tau_mask, tau_edit),
