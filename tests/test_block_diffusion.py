@@ -501,3 +501,17 @@ def test_block_diffusion_decodes_at_threshold_095_by_default(shipped_tokenizer):
     assert custom.editing_thresholds() == (0.95, 0.9)  # HF LLaDA2.1's pair
 
 
+def test_compare_lists_ar_masked_and_block_diffusion_side_by_side(shipped_tokenizer):
+    from nanollada.evaluation.compare import compare, format_table
+    from nanollada.generate import GenerationSettings
+    models = [loaded(shipped_tokenizer, p, seed) for seed, p in enumerate(("ar", "diffusion", "block_diffusion"))]
+    res = compare(models, ["Hi"], GenerationSettings(max_new_tokens=8, greedy=True), ["threshold"])
+    assert [s["run"] for s in res["summary"]] == ["ar", "diffusion/threshold", "block_diffusion/threshold"]
+    assert [s["checkpoint"] for s in res["summary"]] == ["ar.ckpt", "diffusion.ckpt", "block_diffusion.ckpt"]
+    for s in res["summary"]:
+        assert s["prompts"] == 1 and s["forwards"] >= 1 and s["seconds"] > 0 and "tokens_per_forward" in s
+    assert [r["run"] for r in res["runs"]] == [s["run"] for s in res["summary"]]
+    table = format_table(res)
+    assert all(f"| {name} |" in table for name in ("ar", "diffusion/threshold", "block_diffusion/threshold"))
+
+
