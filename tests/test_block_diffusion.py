@@ -1,5 +1,7 @@
 """Block diffusion (LLaDA 2.0 BDLM): the attention mask, the loss at the two extreme block sizes, the block-size
-schedule, exact block-cached decoding, and the tiny configs through fit / resume / predict / compare / eval."""
+schedule, the training options (SFT effective length, complementary masking, CAP, per-block time, embedding
+noise), exact block-cached decoding and its default threshold, compare across paradigms, and the tiny configs
+through fit / resume / predict / compare / eval."""
 
 import json
 import math
@@ -515,3 +517,16 @@ def test_compare_lists_ar_masked_and_block_diffusion_side_by_side(shipped_tokeni
     assert all(f"| {name} |" in table for name in ("ar", "diffusion/threshold", "block_diffusion/threshold"))
 
 
+# ------------------------------------------------------------------------------------------------ tiny config
+def test_tiny_block_diffusion_pretrain_trains_through_the_cli(tmp_path):
+    cfg = fit_config(tmp_path, "bdp", base=CONFIGS / "tiny" / "block_diffusion_pretrain.yaml",
+                     trainer=dict(max_steps=2, val_check_interval=2, limit_val_batches=1, log_every_n_steps=1),
+                     model=dict(block_size=8, val_samples=1), data=dict(seq_len=32, batch_size=2, max_val_rows=2))
+    r = run_cli(["fit", "--config", cfg], tmp_path, threads=1, timeout=120)
+    check_ok(r, "tiny block-diffusion pretrain fit")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    meta = torch.load(ckpt, weights_only=True)["nanollada"]
+    assert meta["paradigm"] == "block_diffusion" and meta["paradigm_config"]["block_size"] == 8
+    nll = scalars(tmp_path / "logs" / "bdp" / "version_0", "val/nll")
+    assert nll and all(math.isfinite(v) and v > 0 for v in nll.values())
