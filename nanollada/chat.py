@@ -27,7 +27,7 @@ from dataclasses import asdict
 from typing import Callable, TextIO
 
 from nanollada.generate import GenerationSettings, generate_text
-from nanollada.streaming import TextStream, canvas_changes, fit_to_context
+from nanollada.streaming import TextStream, applicable_settings, canvas_changes, fit_to_context
 
 HELP = """commands:
   /reset               forget the conversation (the system prompt stays)
@@ -227,12 +227,10 @@ class ChatREPL:
                  "Ctrl-D or /quit leaves.")
 
     def settings_line(self) -> str:
-        """The settings in effect that matter for this paradigm, as key=value."""
-        r = asdict(self.s.resolved())
-        keys = (["max_new_tokens", "temperature", "strategy", "threshold", "block_length", "steps", "use_prefix_cache"]
-                if self.s.iface.supports_trace else
-                ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"])
-        return " ".join(f"{k}={json.dumps(r[k])}" for k in keys + ["seed", "greedy"])
+        """Every setting in effect that this paradigm's decoder reads, resolved (``streaming.applicable_settings``:
+        with editing on, its tau_mask / tau_edit instead of the strategy and threshold), as key=value."""
+        shown = applicable_settings(self.s.iface, self.s.resolved())
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in shown.items())
 
     # ------------------------------------------------------------------ input
     def read(self) -> str | None:

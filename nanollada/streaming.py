@@ -12,12 +12,13 @@ taken back:
   U+FFFD until the character is complete) and a tail that could be the start of a stop string.
 
 :func:`canvas_changes` gives what changed between two canvases (positions filled, edited or re-masked), the frames
-the web page animates.
+the web page animates. :func:`applicable_settings` lists the generation settings a paradigm's decoder reads (what
+``chat``'s ``/settings`` shows).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass
@@ -156,3 +157,39 @@ def fit_to_context(max_seq_len: int, prompt_len: int, settings):
     if (n, block) != (settings.max_new_tokens, settings.block_length):
         settings = replace(settings, max_new_tokens=n, block_length=block)
     return settings
+
+
+AR_SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "use_kv_cache")
+DIFFUSION_SETTINGS = ("max_new_tokens", "temperature", "strategy", "steps", "block_length", "threshold",
+                      "commit_top_k", "budget", "use_prefix_cache", "cfg_scale", "min_new_tokens", "eos_after_text")
+STRATEGY_SETTINGS = ("strategy", "steps", "threshold", "commit_top_k", "budget")  # replaced by editing's thresholds
+
+
+def supports_editing(paradigm) -> bool:
+    """Whether the paradigm's decoder reads ``editing`` (LLaDA 2.1 token editing: block diffusion)."""
+    return bool(getattr(paradigm, "supports_editing", paradigm.name == "block_diffusion"))
+
+
+def applicable_settings(paradigm, settings) -> dict:
+    """The generation settings ``paradigm``'s decoder reads, from resolved ``settings``, in display order; ``seed``
+    and ``greedy`` last. AR: the sampler's knobs and the KV cache; masked diffusion: the strategy's, the block, the
+    prefix cache, guidance and the eos rules; block diffusion: the same with its exact block cache (``use_kv_cache``)
+    and ``editing``. With editing on, decoding is threshold decoding at the preset's (or, ``custom``, the given)
+    ``tau_mask`` / ``tau_edit``, so those replace the strategy and ``threshold``, with the post-edit step cap and the
+    edit penalty."""
+    r = asdict(settings)
+    if not paradigm.supports_trace:
+        keys = list(AR_SETTINGS)
+    else:
+        keys = list(DIFFUSION_SETTINGS)
+        if supports_editing(paradigm):
+            keys[keys.index("use_prefix_cache")] = "use_kv_cache"
+            keys.append("editing")
+    out = {k: r[k] for k in keys}
+    editing = settings.editing_thresholds() if "editing" in out else None
+    if editing:
+        for k in STRATEGY_SETTINGS:
+            out.pop(k)
+        out.update(tau_mask=editing[0], tau_edit=editing[1], max_post_edit_steps=r["max_post_edit_steps"],
+                   edit_penalty=r["edit_penalty"])
+    return {**out, "seed": r["seed"], "greedy": r["greedy"]}

@@ -1,9 +1,10 @@
 """Tiny checkpoints for the chat / serve / web-page tests, trained once per test session (a few steps each).
 
-``trained(tmp_path_factory)`` returns {"ar": AR SFT, "dm": diffusion SFT, "pre": AR pretraining} checkpoint paths.
-The pretraining one is the AR SFT checkpoint with its data kind set to ``pretrain`` (only the kind decides
-whether the chat template is used), so two fits cover the three. ``max_seq_len`` is 256 so answers fit but long
-conversations do not.
+``trained(tmp_path_factory)`` returns {"ar": AR SFT, "dm": masked-diffusion SFT, "bd": block-diffusion SFT (block
+size ``BD_BLOCK``, so a short answer spans several blocks), "pre": AR pretraining} checkpoint paths. The
+pretraining one is the AR SFT checkpoint with its data kind set to ``pretrain`` (only the kind decides whether the
+chat template is used), so three fits (run side by side, a few seconds each) cover the four. ``max_seq_len`` is 256
+so answers fit but long conversations do not.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from conftest import CONFIGS, DATA, finish, fit_config, start_cli
 
 STEPS = dict(max_steps=4, val_check_interval=4, limit_val_batches=1, log_every_n_steps=2)
 MAX_SEQ_LEN = 256
+BD_BLOCK = 8
 _CACHE: dict = {}
 
 
@@ -27,6 +29,10 @@ def trained(tmp_path_factory) -> dict[str, Path]:
                              train_files=[DATA / "sft.jsonl"], model=dict(init_from=None, max_seq_len=MAX_SEQ_LEN),
                              data=dict(seq_len=64, batch_size=4, max_val_rows=4))
             for name, base in (("ar", "ar_sft.yaml"), ("dm", "diffusion_sft.yaml"))}
+    cfgs["bd"] = fit_config(work / "bd", "bd", base=CONFIGS / "tiny" / "block_diffusion_sft.yaml", trainer=STEPS,
+                            train_files=[DATA / "sft.jsonl"],
+                            model=dict(init_from=None, max_seq_len=MAX_SEQ_LEN, block_size=BD_BLOCK),
+                            data=dict(seq_len=64, batch_size=4, max_val_rows=4))
     procs = [start_cli(["fit", "--config", c], work) for c in cfgs.values()]
     for p in procs:
         r = finish(p, timeout=600)

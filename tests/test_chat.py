@@ -211,3 +211,45 @@ def test_ctrl_c_in_a_terminal_stops_the_answer_and_keeps_the_repl(ckpts, tmp_pat
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_settings_show_every_setting_of_the_paradigm_and_the_editing_thresholds(ckpts):
+    """/settings lists what the paradigm's decoder reads, resolved: AR its sampler, diffusion its strategy, block,
+    caches, guidance and eos rules, block diffusion also `editing`, and with editing on the preset's tau_mask /
+    tau_edit instead of the strategy and threshold (the threshold default is read from the paradigm)."""
+    from nanollada.chat import ChatREPL, ChatSession
+    from nanollada.generate import EDITING_PRESETS, GenerationSettings
+    from nanollada.loading import load_checkpoint
+
+    def shown(name, **settings):
+        loaded = load_checkpoint(str(ckpts[name]))
+        r = ChatREPL(ChatSession(loaded, GenerationSettings(**settings)), inp=io.StringIO(""), out=io.StringIO())
+        line = r.settings_line()
+        pairs = dict(p.split("=", 1) for p in line.split(" "))
+        return r, pairs, GenerationSettings(**settings).resolve(loaded.interface.default_generation())
+
+    _, ar, res = shown("ar")
+    assert list(ar) == ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "use_kv_cache",
+                        "seed", "greedy"]
+    assert (ar["temperature"], ar["top_p"], ar["top_k"]) == (json.dumps(res.temperature), json.dumps(res.top_p), "null")
+    _, dm, res = shown("dm", cfg_scale=0.5)
+    for key in ("strategy", "steps", "block_length", "threshold", "commit_top_k", "budget", "use_prefix_cache",
+                "cfg_scale", "min_new_tokens", "eos_after_text", "seed", "greedy"):
+        assert key in dm, key
+    assert dm["cfg_scale"] == "0.5" and dm["threshold"] == json.dumps(res.threshold)
+    assert not {"editing", "top_p", "repetition_penalty"} & set(dm)
+    r, bd, res = shown("bd")
+    assert bd["editing"] == '"off"' and bd["threshold"] == json.dumps(res.threshold)  # the paradigm's default
+    assert bd["use_kv_cache"] == "true" and "use_prefix_cache" not in bd and bd["cfg_scale"] == "0.0"
+    out = r.out
+    for line in ("/set editing=speedy", "/settings", "/set editing=custom threshold=0.8 edit_threshold=0.6"):
+        r.command(line)
+    said = out.getvalue().splitlines()
+    speedy = dict(p.split("=", 1) for p in said[1].split(" "))
+    tau_mask, tau_edit = EDITING_PRESETS["speedy"]
+    assert speedy["editing"] == '"speedy"' and (speedy["tau_mask"], speedy["tau_edit"]) == (str(tau_mask), str(tau_edit))
+    assert "threshold" not in speedy and "strategy" not in speedy  # the preset decides, not threshold
+    assert {"max_post_edit_steps", "edit_penalty", "cfg_scale"} <= set(speedy)
+    assert said[0] == "settings: " + said[1]  # /set shows the new settings too
+    assert said[2].endswith('editing="custom" tau_mask=0.8 tau_edit=0.6 max_post_edit_steps=16 edit_penalty=0.0'
+                            ' seed=0 greedy=false')
