@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> None:
+    from nanollada.generate import GenerationSettings
+    from nanollada.sampling.diffusion import STRATEGIES, build_strategy, diffusion_generate
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--data", default="../shared/data/pretrain/en-gutenberg.jsonl.gz",
@@ -39,8 +41,13 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=16)
-    ap.add_argument("--strategy", choices=["low_confidence", "threshold"], default="low_confidence")
+    ap.add_argument("--strategy", choices=list(STRATEGIES), default="low_confidence",
+                    help="a registered sampling strategy (nanollada.sampling.diffusion.STRATEGIES)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="fixed-step strategies: steps per block (default: the block length, one token per step)")
     ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--commit-top-k", type=int, default=4, help="threshold_topk: at most this many per step")
+    ap.add_argument("--budget", type=int, default=None, help="threshold_topk: forwards per generation")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
@@ -48,7 +55,6 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from nanollada.data.records import SHARED_VAL_FRACTION, is_validation, iter_records
     from nanollada.loading import load_checkpoint
-    from nanollada.sampling.diffusion import ConfidenceThreshold, LowConfidence, diffusion_generate
     lm = load_checkpoint(args.ckpt)
     tok = lm.tokenizer
     prompts = []
@@ -62,7 +68,9 @@ def main(argv=None) -> None:
             break
     x = torch.tensor(prompts)
     L = args.block_length
-    strategy = (LowConfidence(L) if args.strategy == "low_confidence" else ConfidenceThreshold(args.threshold))
+    settings = GenerationSettings(max_new_tokens=args.gen, strategy=args.strategy, steps=args.steps, block_length=L,
+                                  threshold=args.threshold, commit_top_k=args.commit_top_k, budget=args.budget)
+    strategy = build_strategy(args.strategy, settings, L)  # the registry's, as every decoder builds it
     modes = {"full canvas (LLaDA)": dict(attend_future_blocks=True),
              "up to the current block": dict(attend_future_blocks=False),
              "up to the current block + prefix cache": dict(use_prefix_cache=True)}

@@ -23,10 +23,12 @@ Parts, in this order, each with its own time cap (``--{part}_cap`` seconds; defa
   both as subprocesses. Lightning runs FSDP only on CUDA, so on CPU the same derived config runs with its strategy
   replaced by a single-device one (and fp32), which the output says.
 - ``decode``: decoding speed at batch 1 and 16 of every paradigm and strategy on a model of the preset's shape with
-  random weights (``benchmarks/decode_speed.py``'s runners): AR with the KV cache, masked diffusion with every
-  registered strategy (``sampling.diffusion.STRATEGIES``) without and with the prefix cache, block diffusion with
-  every strategy and the exact cache. Random weights give real forward costs but every confidence is ~1/vocab, so
-  adaptive strategies commit ~1 token per forward (TPF ~1, their worst case).
+  random weights (``benchmarks/decode_speed.py``'s ``methods`` / ``measure``: each paradigm's ``Paradigm.decode``,
+  methods built from the paradigm and strategy registries): AR with and without the KV cache, masked diffusion with
+  every registered strategy (``sampling.diffusion.STRATEGIES``) without and with the prefix cache, block diffusion
+  with every strategy without and with its exact cache, semi-AR blocks of ``--block_length``. Random weights give
+  real forward costs but every confidence is ~1/vocab, so adaptive strategies commit ~1 token per forward (TPF ~1,
+  their worst case).
 
 Parts ``train`` and ``decode`` run in a child process each (``--_part``) that streams its rows to a JSONL file; a
 child that reaches its part's deadline is killed and every cell it had not finished is reported as cut (cells that
@@ -211,95 +213,40 @@ def part_train(a, rec, deadline: float) -> None:
     _run_cells(cells, rec, deadline, estimate, run)
 
 
-def decode_methods(a, rec) -> list:
-    """decode_speed ``Method``s for every paradigm in LM_CLASSES, from each paradigm class's decoder list."""
-    from decode_speed import Method, _ar, _diffusion
-
-    from nanollada.generate import GenerationSettings
-    from nanollada.lm import LM_CLASSES
-    from nanollada.paradigms import paradigm_class
-    from nanollada.paradigms.ar import ARParadigm
-    from nanollada.paradigms.block_diffusion import BlockDiffusionParadigm
-    from nanollada.paradigms.masked_diffusion import MaskedDiffusionParadigm
-    from nanollada.sampling.diffusion import STRATEGIES, build_strategy
-
-    settings = GenerationSettings(max_new_tokens=a.gen_length, block_length=a.block_length, steps=None,
-                                  threshold=a.threshold, commit_top_k=a.commit_top_k, budget=None)
-
-    def strategy(name):
-        return lambda *shape: build_strategy(name, settings, shape[-1])  # (G, L) for _diffusion, (L,) for blocks
-
-    def ar(name):
-        return [Method(f"{name} kv-cache", name, _ar(True))]
-
-    def masked(name):
-        return [Method(f"{name} {s}" + (" +prefix-cache" if cache else ""), name,
-                       _diffusion(strategy(s), a.block_length, use_prefix_cache=cache))
-                for s in STRATEGIES for cache in (False, True)]
-
-    def block(name):
-        return [Method(f"{name} {s} +exact-cache", name, _block_run(strategy(s), a.block_length)) for s in STRATEGIES]
-
-    decoders = {ARParadigm: ar, MaskedDiffusionParadigm: masked, BlockDiffusionParadigm: block}
-    out = []
-    for name in LM_CLASSES:
-        make = decoders.get(paradigm_class(name))
-        if make is None:
-            rec.write("note", note=f"no decoding benchmark is defined for paradigm {name!r} ({paradigm_class(name)})")
-            continue
-        out += make(name)
-    return out
-
-
-def _block_run(strategy_fn, block: int, use_cache: bool = True):
-    """A decode_speed-style runner of ``block_diffusion_generate`` (prompt length a multiple of the block)."""
-    def run(model, prompt, G, mask_id):
-        from nanollada.sampling.block_diffusion import block_diffusion_generate
-        out = block_diffusion_generate(model, prompt, gen_length=G, block_size=block, strategy=strategy_fn(block),
-                                       mask_id=mask_id, eos_id=None, temperature=0.0, use_cache=use_cache)
-        return dict(seconds=out.seconds, first=out.first_round_seconds, forwards=out.forwards,
-                    fed=out.forward_tokens, tokens=out.generated.numel())
-    return run
+def decode_args(a) -> SimpleNamespace:
+    """``benchmarks/decode_speed.py``'s settings for this check: every registered strategy, semi-AR blocks of
+    ``--block_length``, the paradigms' caches on and off, one token per step for the fixed-step strategies."""
+    from nanollada.sampling.diffusion import STRATEGIES
+    return SimpleNamespace(gen_lengths=[a.gen_length], block_length=a.block_length, steps=None, threshold=a.threshold,
+                           commit_top_k=a.commit_top_k, budget=None, seed=a.seed, strategies=list(STRATEGIES),
+                           layouts=["semi-AR"], only=None)
 
 
 def part_decode(a, rec, deadline: float) -> None:
     torch, device = _setup_child(a)
-    from decode_speed import measure
+    from decode_speed import measure, methods, random_interfaces
 
-    from nanollada.lm import LM_CLASSES
-    from nanollada.model import ModelConfig, Transformer
     from nanollada.tokenizer import Tokenizer
 
     tok = Tokenizer(None)
-    dtype = getattr(torch, a.decode_dtype)
-    torch.manual_seed(a.seed)
-    models, state = {}, None
-    for name, cls in LM_CLASSES.items():  # one random init, shared by every paradigm (only attention differs)
-        cfg = ModelConfig.from_preset(a.preset, vocab_size=tok.vocab_size,
-                                      max_seq_len=max(64, a.prompt_len + a.gen_length), causal=cls.causal)
-        m = Transformer(cfg)
-        if state is None:
-            state = m.state_dict()
-        else:
-            m.load_state_dict(state)
-        models[name] = m.to(device=device, dtype=dtype).eval()
-    methods = decode_methods(a, rec)
-    cells = [{"id": f"{m.name} B={B}", "method": m, "batch": B} for B in a.decode_batch_sizes for m in methods]
+    interfaces = random_interfaces(a.preset, tok, max(64, a.prompt_len + a.gen_length), device,
+                                   dtype=getattr(torch, a.decode_dtype), seed=a.seed)
+    ms = methods(interfaces, decode_args(a))  # from the registries: every paradigm x strategy x cache on/off
+    cells = [{"id": f"{m.name} B={B}", "method": m, "batch": B} for B in a.decode_batch_sizes for m in ms]
     rec.write("plan", cells=["warm-up"] + [c["id"] for c in cells])
     g = torch.Generator().manual_seed(a.seed)
     prompts = {B: torch.randint(7, tok.vocab_size, (B, a.prompt_len), generator=g).to(device)
                for B in a.decode_batch_sizes}
 
     def warm(_):  # every method once at batch 1, one block (allocator, kernels, lazy init)
-        for m in methods:
-            measure(m, models[m.paradigm], prompts[min(prompts)][:1], a.block_length, tok.mask_id, 1)
-        return {"warm_up_only": True, "methods": len(methods)}
+        for m in ms:
+            measure(m, interfaces[m.paradigm], prompts[min(prompts)][:1], a.block_length, 1)
+        return {"warm_up_only": True, "methods": len(ms)}
 
     def run(cell):
         m = cell["method"]
-        r = measure(m, models[m.paradigm], prompts[cell["batch"]], a.gen_length, tok.mask_id, 1)
-        return dict(r, tpf=a.gen_length / r["forwards"], dtype=a.decode_dtype, preset=a.preset,
-                    prompt_len=a.prompt_len, block_length=a.block_length)
+        r = measure(m, interfaces[m.paradigm], prompts[cell["batch"]], a.gen_length, 1)
+        return dict(r, dtype=a.decode_dtype, preset=a.preset, prompt_len=a.prompt_len, block_length=a.block_length)
 
     def estimate(cell, done):  # the same method at the previous batch size (CPU time grows with the batch)
         if cell["id"] == "warm-up":
@@ -543,7 +490,7 @@ def decode_table(rows) -> str:
     out = ["| method | batch | gen | forwards | TPF | fed tokens / gen token | first token/round ms | total s | "
            "tok/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['method']} | {r['batch']} | {r['gen']} | {r['forwards']} | {r['tpf']:.2f} | "
+        out.append(f"| {r['method']} | {r['batch']} | {r['generated']:g} | {r['forwards']} | {r['tpf']:.2f} | "
                    f"{r['fed_per_token']:.1f} | {r['first_ms']:.1f} | {r['seconds']:.3f} | {r['tok_s']:,.0f} |")
     return "\n".join(out)
 

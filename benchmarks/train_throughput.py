@@ -1,21 +1,24 @@
 #!/usr/bin/env python
 """Training throughput: the real Lightning path vs a bare PyTorch loop over the same model, optimizer and batches.
 
-For every preset x paradigm the script builds one ``ARLM`` / ``MaskedDiffusionLM`` and one DataLoader of random
-tokens that yields exactly the batch dicts the real collate functions produce (``ARCollate`` / ``DiffusionCollate``
-on packed pretraining rows: ``{"tokens", "doc_ids"}`` items of seq_len + 1 tokens). Then, alternating for
-``--rounds`` rounds:
+For every preset x paradigm (``--paradigms``, default every paradigm of ``nanollada.lm.LM_CLASSES``: AR, masked
+diffusion, block diffusion, and any class registered later) the script builds the paradigm's LightningModule and
+one DataLoader of random tokens that yields exactly the batch dicts its own pretraining collate produces
+(``lm.collate_cls`` on packed pretraining rows: ``{"tokens", "doc_ids"}`` items of seq_len + 1 tokens). Then,
+alternating for ``--rounds`` rounds:
 
 - Lightning: a fresh ``Trainer`` (max_steps = warmup + steps, logger off, checkpointing off, progress bar off,
   validation off, the configs' gradient clipping) fits the module; a callback times the steps after the warmup
   (data fetch, hooks, logging, optimizer and scheduler included);
-- bare: the same backbone (``lm.forward_model``), a fresh AdamW with the module's own parameter groups and LR
-  schedule, the same batches from the same DataLoader in the same order, the same loss (AR: cross-entropy; diffusion:
-  LLaDA eq. 3 with seeded per-step masks), clipping and optimizer step, and nothing else.
+- bare: the same backbone, a fresh AdamW with the module's own parameter groups and LR schedule, the same batches
+  from the same DataLoader in the same order, the module's own ``training_loss`` (so the same loss and the same
+  seeded noise as the Lightning path, with a stand-in for the few trainer fields it reads and ``self.log`` a
+  no-op), clipping and optimizer step, and nothing else.
 
 Both time with ``time.perf_counter`` (after ``torch.cuda.synchronize`` on CUDA). Reported: median tokens/s over the
-rounds, the Lightning overhead ``bare tok/s / lightning tok/s - 1``, and achieved GFLOP/s
-(``model.flops_per_token(seq_len) * tok/s / 1e9``, 6N + attention).
+rounds (data tokens: batch x seq_len per step), the Lightning overhead ``bare tok/s / lightning tok/s - 1``, and
+achieved GFLOP/s: the module's own ``flops_per_batch`` count per data token (``Transformer.flops_per_token``, 6N +
+attention; block diffusion feeds x_t and x_0, 2L positions, and counts them) x tok/s / 1e9.
 
     python benchmarks/train_throughput.py --presets tiny small --steps 10 --batch-size 8 --seq-len 128
     python benchmarks/train_throughput.py --presets base --device cuda --precision bf16-mixed --batch-size 32 --seq-len 512
@@ -33,12 +36,16 @@ import statistics
 import sys
 import time
 import warnings
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-PARADIGMS = ("ar", "diffusion")  # keys of nanollada.lm.LM_CLASSES
+
+def paradigms() -> tuple[str, ...]:
+    """Every paradigm with a training class (the keys of ``nanollada.lm.LM_CLASSES``)."""
+    from nanollada.lm import LM_CLASSES
+    return tuple(LM_CLASSES)
 
 
 class RandomPackedRows(Dataset):
@@ -106,7 +113,7 @@ def bare_run(lm, loader, args, device) -> float:
     from nanollada.lm.base import lr_factor
 
     lm = lm.to(device).train()
-    model, fwd, h = lm.model, lm.forward_model, lm.hparams
+    model, h = lm.model, lm.hparams
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
@@ -118,50 +125,44 @@ def bare_run(lm, loader, args, device) -> float:
     params = list(model.parameters())
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
                 else contextlib.nullcontext())
-    sync, loss_fn = make_sync(device), BARE_LOSS[type(lm).__name__]
+    sync = make_sync(device)
     it = iter(loader)
     t0 = None
-    for step in range(total):
-        if step == args.warmup:
-            sync()
-            t0 = time.perf_counter()
-        batch = next(it)
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        mask = lm.attention_mask(batch)  # the module's own document/padding mask (None when not needed)
-        with autocast:
-            loss = loss_fn(lm, fwd, batch, mask, step, device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        sched.step()
-    sync()
+    with without_trainer(lm) as stand_in:
+        for step in range(total):
+            if step == args.warmup:
+                sync()
+                t0 = time.perf_counter()
+            batch = next(it)
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            stand_in.global_step = step
+            with autocast:
+                loss = lm.training_loss(batch, step)  # the module's own loss, masks and noise
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            sched.step()
+        sync()
     return time.perf_counter() - t0
 
 
-def ar_bare_loss(lm, fwd, batch, mask, step, device):
-    """Next-token cross-entropy, as ``ARLM.training_loss``."""
-    from nanollada.data.collate import IGNORE_INDEX
-    logits = fwd(batch["input_ids"], attn_mask=mask)
-    return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
-
-
-def diffusion_bare_loss(lm, fwd, batch, mask, step, device):
-    """LLaDA eq. 3 with the module's own mask sampler, as ``MaskedDiffusionLM.training_loss``."""
-    from nanollada.noise import apply_random_mask, mask_probability
-    ids, eligible, h = batch["input_ids"], batch["eligible"], lm.hparams
-    g = torch.Generator(device=device).manual_seed(h.noise_seed * 1_000_003 + step)
-    t = lm.mask_ratio(ids.shape[0], step, g, device)
-    p_mask = mask_probability(t)
-    noisy, masked = apply_random_mask(ids, eligible, p_mask, lm.mask_id, g)
-    logits = fwd(noisy, attn_mask=mask)
-    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
-    return ((ce * masked / p_mask[:, None]).sum(1) / eligible.sum(1).clamp(min=1)).mean()
-
-
-# The bare loop's loss per LightningModule class (the Lightning path calls the module's own training_step).
-BARE_LOSS = {"ARLM": ar_bare_loss, "MaskedDiffusionLM": diffusion_bare_loss}
+@contextlib.contextmanager
+def without_trainer(lm):
+    """Let ``lm.training_loss`` run outside a ``Trainer``: the trainer fields a loss reads (``global_step``,
+    ``global_rank``, ``accumulate_grad_batches``, ``world_size``) come from a stand-in of one process without
+    accumulation, and ``self.log`` does nothing. The module's own trainer reference is restored after."""
+    stand_in = SimpleNamespace(global_step=0, global_rank=0, local_rank=0, world_size=1, accumulate_grad_batches=1,
+                               log_every_n_steps=1, datamodule=None, ckpt_path=None)
+    before = lm._trainer
+    lm.trainer = stand_in
+    lm.log = lambda *args, **kwargs: None
+    try:
+        yield stand_in
+    finally:
+        del lm.log
+        lm.trainer = before
 
 
 def build(preset: str, paradigm: str, args):
@@ -195,9 +196,10 @@ def bench(preset: str, paradigm: str, args, device) -> dict:
         print(f"  {preset}/{paradigm} round {r + 1}: lightning {light[-1]:,.0f} tok/s, bare {bare[-1]:,.0f} tok/s",
               file=sys.stderr, flush=True)
     lt, bt = statistics.median(light), statistics.median(bare)
-    fpt = lm.model.flops_per_token(args.seq_len)
-    return dict(preset=preset, paradigm=paradigm, params=lm.model.num_params(), batch=args.batch_size,
-                seq_len=args.seq_len, lightning_tok_s=lt, bare_tok_s=bt, overhead_pct=100 * (bt / lt - 1),
+    fpt = lm.flops_per_batch / (args.batch_size * args.seq_len)  # the module's count (Lightning path, last batch)
+    return dict(preset=preset, paradigm=paradigm, lm_class=type(lm).__name__, params=lm.model.num_params(),
+                batch=args.batch_size, seq_len=args.seq_len, flops_per_token=fpt, lightning_tok_s=lt, bare_tok_s=bt,
+                overhead_pct=100 * (bt / lt - 1),
                 lightning_gflops=fpt * lt / 1e9, bare_gflops=fpt * bt / 1e9, rounds_lightning=light,
                 rounds_bare=bare)
 
@@ -216,7 +218,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["tiny", "small", "base"], choices=["tiny", "small", "base"])
-    p.add_argument("--paradigms", nargs="+", default=list(PARADIGMS), choices=PARADIGMS)
+    p.add_argument("--paradigms", nargs="+", default=list(paradigms()), choices=paradigms(),
+                   help="paradigms of nanollada.lm.LM_CLASSES")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="timed steps per round and path")
