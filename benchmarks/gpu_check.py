@@ -4,19 +4,14 @@
 Written for short GPU slots (~15 minutes, one command of at most 10): nothing needs editing on the day.
 
     python benchmarks/gpu_check.py --device cuda                       # base preset, 8-minute budget
-    python benchmarks/gpu_check.py --device cpu --preset tiny --budget 150   # the same code paths on CPU (its test)
+    python benchmarks/gpu_check.py --device cpu --preset tiny --budget 180   # the same code paths on CPU (its test)
 
-Parts, in this order, each with its own time cap (``--{part}_cap`` seconds; default a share of the budget: train
-50%, fsdp 20%, decode 30%; time a part leaves unused goes to the next one):
+Parts, in the order they run (``PARTS``), each with its own time cap (``--{part}_cap`` seconds; default a share of
+the budget after startup: fsdp 20%, decode 30%, train 50% on CUDA, 40% / 25% / 35% on CPU, where the FSDP part's
+two cold CLI starts are most of its cost; time a part leaves unused goes to the next one). The fixed-cost parts run
+first so that what they leave unused goes to training, whose compilation is the most elastic; the tables are
+printed in the order train, fsdp, decode (``SHOW``):
 
-- ``train``: training throughput of every paradigm in ``nanollada.lm.LM_CLASSES`` through the real Lightning path
-  (``benchmarks/train_throughput.py``'s ``build`` / ``make_loader`` / ``lightning_run``: one ``Trainer.fit`` on
-  random packed rows, logger/checkpoints/validation off), eager first for every paradigm, then ``torch.compile``.
-  On CUDA: bf16-mixed, the batch ``--train_batch`` halved on out-of-memory until it fits, ``--train_steps`` timed
-  steps after ``--train_warmup``. Reported: tokens/s (data tokens, B x L per step), training TFLOP/s from the
-  module's own ``flops_per_batch`` (``Transformer.flops_per_token``; block diffusion feeds x_t + x_0, 2L positions,
-  and counts them), MFU against the GPU's bf16 dense peak (``PEAK_BF16_TFLOPS`` by device name, ``--peak_tflops``
-  overrides), ``torch.cuda.max_memory_allocated`` and the untimed setup seconds (trainer, warmup, compilation).
 - ``fsdp``: ``nanollada fit`` of ``configs/multi_gpu/diffusion_pretrain_fsdp.yaml`` on every visible GPU
   (``torch.cuda.device_count()``; one is fine) for ``--fsdp_steps`` steps on the bundled ``data/pretrain.jsonl``,
   with a validation pass and a checkpoint, then ``nanollada predict --ckpt last.ckpt --prompt ...`` reloading it;
@@ -29,6 +24,17 @@ Parts, in this order, each with its own time cap (``--{part}_cap`` seconds; defa
   with every strategy without and with its exact cache, semi-AR blocks of ``--block_length``. Random weights give
   real forward costs but every confidence is ~1/vocab, so adaptive strategies commit ~1 token per forward (TPF ~1,
   their worst case).
+- ``train``: training throughput of every paradigm in ``nanollada.lm.LM_CLASSES`` through the real Lightning path
+  (``benchmarks/train_throughput.py``'s ``build`` / ``make_loader`` / ``lightning_run``: one ``Trainer.fit`` on
+  random packed rows, logger/checkpoints/validation off), eager first for every paradigm, then ``torch.compile``
+  (the module's ``compile: true``) with ``--compile_backend``: inductor on CUDA; on CPU ``aot_eager`` (dynamo
+  capture and AOT autograd of forward and backward, the parts a GPU run shares with it, without inductor's C++ code
+  generation, which takes minutes for three paradigms on two cores and is not the GPU's Triton path anyway).
+  On CUDA: bf16-mixed, the batch ``--train_batch`` halved on out-of-memory until it fits, ``--train_steps`` timed
+  steps after ``--train_warmup``. Reported: tokens/s (data tokens, B x L per step), training TFLOP/s from the
+  module's own ``flops_per_batch`` (``Transformer.flops_per_token``; block diffusion feeds x_t + x_0, 2L positions,
+  and counts them), MFU against the GPU's bf16 dense peak (``PEAK_BF16_TFLOPS`` by device name, ``--peak_tflops``
+  overrides), ``torch.cuda.max_memory_allocated`` and the untimed setup seconds (trainer, warmup, compilation).
 
 Parts ``train`` and ``decode`` run in a child process each (``--_part``) that streams its rows to a JSONL file; a
 child that reaches its part's deadline is killed and every cell it had not finished is reported as cut (cells that
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -63,7 +70,7 @@ FSDP_CONFIG = REPO / "configs" / "multi_gpu" / "diffusion_pretrain_fsdp.yaml"
 # first two leave unused goes to it. Shares of the budget (after startup and the final reserve), per device type:
 # on CPU the FSDP part's two cold CLI imports (fit, predict) are most of its cost.
 PARTS = ("fsdp", "decode", "train")
-SHARES = {"cuda": {"fsdp": 0.2, "decode": 0.3, "train": 0.5}, "cpu": {"fsdp": 0.3, "decode": 0.2, "train": 0.5}}
+SHARES = {"cuda": {"fsdp": 0.2, "decode": 0.3, "train": 0.5}, "cpu": {"fsdp": 0.4, "decode": 0.25, "train": 0.35}}
 SHOW = ("train", "fsdp", "decode")  # order of the tables
 RESERVE_S = 3.0  # kept back at the end for writing and printing the results
 
@@ -76,10 +83,10 @@ PEAK_BF16_TFLOPS = [(r"H200.*NVL", 835.0), (r"H200", 989.0), (r"H100.*NVL", 835.
 DEFAULTS = {  # per device type; every one is a flag
     "cuda": dict(precision="bf16-mixed", train_batch=64, train_seq_len=512, train_steps=40, train_warmup=5,
                  fsdp_steps=5, fsdp_batch=8, fsdp_seq_len=512, gen_length=256, prompt_len=32, block_length=32,
-                 decode_dtype="bfloat16"),
+                 decode_dtype="bfloat16", compile_backend="inductor"),
     "cpu": dict(precision="32-true", train_batch=2, train_seq_len=32, train_steps=2, train_warmup=1,
-                fsdp_steps=2, fsdp_batch=2, fsdp_seq_len=32, gen_length=16, prompt_len=8, block_length=8,
-                decode_dtype="float32", threads=1),
+                fsdp_steps=2, fsdp_batch=2, fsdp_seq_len=32, gen_length=8, prompt_len=8, block_length=4,
+                decode_dtype="float32", threads=1, compile_backend="aot_eager"),
 }
 
 
@@ -154,6 +161,8 @@ def part_train(a, rec, deadline: float) -> None:
     from nanollada.lm import LM_CLASSES
     oom_types = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
     peak = peak_tflops(_device_name(torch, device), a.peak_tflops)
+    if a.compile_backend != "inductor":  # the modules call torch.compile(model): give it this backend
+        torch.compile = functools.partial(torch.compile, backend=a.compile_backend)
     cells = [{"id": f"{name} {'compile' if c else 'eager'}", "paradigm": name, "compile": c}
              for c in a.compile_modes for name in LM_CLASSES]
     rec.write("plan", cells=[c["id"] for c in cells])
@@ -197,6 +206,7 @@ def part_train(a, rec, deadline: float) -> None:
         flops_step = lm.flops_per_batch  # the module's own count for its last training batch (2L for block diffusion)
         tflops = flops_step * a.train_steps / seconds / 1e12
         row = dict(preset=a.preset, paradigm=cell["paradigm"], lm_class=type(lm).__name__, compile=cell["compile"],
+                   compile_backend=a.compile_backend if cell["compile"] else None,
                    precision=a.precision, params=lm.model.num_params(), batch=B, seq_len=L, steps=a.train_steps,
                    warmup=a.train_warmup, tok_s=a.train_steps * B * L / seconds, step_ms=1e3 * seconds / a.train_steps,
                    flops_per_token=flops_step / (B * L), tflops=tflops, mfu=tflops / peak if peak else None,
@@ -467,7 +477,7 @@ def train_table(rows) -> str:
     out = ["| paradigm | compile | precision | params | batch x seq | tokens/s | step ms | TFLOP/s | MFU | "
            "peak mem GiB | setup s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['paradigm']} | {'yes' if r['compile'] else 'no'} | {r['precision']} | "
+        out.append(f"| {r['paradigm']} | {r.get('compile_backend') or 'no'} | {r['precision']} | "
                    f"{r['params'] / 1e6:.2f}M | {r['batch']} x {r['seq_len']}"
                    f"{' (OOM from ' + str(r['oom_halved_from'][0]) + ')' if r['oom_halved_from'] else ''} | "
                    f"{r['tok_s']:,.0f} | "
@@ -544,6 +554,8 @@ def parse(argv):
     p.add_argument("--train_steps", type=int, default=None, help="timed steps")
     p.add_argument("--train_warmup", type=int, default=None, help="untimed steps first (compilation happens here)")
     p.add_argument("--compile_modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    p.add_argument("--compile_backend", default=None, help="torch.compile backend of the compile mode (default: "
+                   "inductor on CUDA, aot_eager on CPU)")
     p.add_argument("--fsdp_steps", type=int, default=None)
     p.add_argument("--fsdp_batch", type=int, default=None)
     p.add_argument("--fsdp_seq_len", type=int, default=None)
@@ -582,7 +594,8 @@ def child_argv(a) -> list[str]:
     """The resolved settings as flags, so the children see exactly what the parent resolved."""
     argv = ["--device", a.device, "--preset", a.preset, "--precision", a.precision,
             "--compile_modes", *[("compile" if c else "eager") for c in a.compile_modes],
-            "--decode_batch_sizes", *map(str, a.decode_batch_sizes), "--decode_dtype", a.decode_dtype]
+            "--decode_batch_sizes", *map(str, a.decode_batch_sizes), "--decode_dtype", a.decode_dtype,
+            "--compile_backend", a.compile_backend]
     for k in ("train_batch", "train_seq_len", "train_steps", "train_warmup", "gen_length", "prompt_len",
               "block_length", "threshold", "commit_top_k", "seed", "threads", "peak_tflops", "_oom_above"):
         if getattr(a, k) is not None:

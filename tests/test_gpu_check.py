@@ -1,12 +1,16 @@
-"""benchmarks/gpu_check.py on CPU: the code paths the GPU day runs, inside a budget, every cell a row or a cut.
+"""benchmarks/gpu_check.py on CPU: the code paths the GPU day runs, inside a budget, every planned cell a row.
 
-The full run is ``--device cpu --preset tiny`` as a subprocess with a 180 s budget (about a minute on an idle 2-core
-machine; a loaded one may cut cells, which must then be reported). ``--_oom_above 2`` makes every batch above 2 rows
-raise an out-of-memory error, so the halving a GPU may need runs here too (4 -> 2). A second run with a 12 s budget
-checks that a part killed at its cap reports its cells as cut and that the total stays inside the budget.
+The full run is ``--device cpu --preset tiny`` as a subprocess with README's 180 s budget; it must finish in under
+80% of it (about a minute on an idle 2-core machine, two when other jobs share the cores), and on CPU tiny no cell
+is cut by design, so every planned cell must end as a row: a train row per paradigm x mode, the FSDP-config fit and
+the predict that reloads its checkpoint, and a decode row at batch 1 and 16 for every paradigm and strategy. If this
+machine cannot fit it, the tiny workload is to be shrunk, not these checks. ``--_oom_above 2`` makes every batch
+above 2 rows raise an out-of-memory error, so the halving a GPU may need runs here too (4 -> 2). A second run with a
+12 s budget checks that a part killed at its cap reports its cells as cut and that the total stays inside the budget.
 """
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -18,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(REPO / "benchmarks"))
 SLACK_S = 10  # interpreter start before the script's clock, and process exit
+BUDGET_S = 180  # README's CPU command
+ROOM = 0.8  # "inside its budget with room to spare": elapsed under this share of the budget
+DESIGNED_CUTS: dict[str, set] = {"train": set(), "fsdp": set(), "decode": set()}  # none on CPU tiny
 
 
 def run_check(out: Path, budget: float, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -32,18 +39,32 @@ def accounted(res: dict) -> set:
     return {r["cell"] for r in res["rows"] + res["cut"] + res["errors"]}
 
 
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    budget = 180
-    proc, seconds = run_check(out, budget, "--train_batch", "4", "--_oom_above", "2")
+    proc, seconds = run_check(out, BUDGET_S, "--train_batch", "4", "--_oom_above", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(out=out, proc=proc, seconds=seconds, budget=budget,
+    return dict(out=out, proc=proc, seconds=seconds, budget=BUDGET_S,
                 report=json.loads((out / "gpu_check.json").read_text()))
 
 
-def test_total_time_inside_the_budget(full):
-    assert full["report"]["elapsed_s"] <= full["budget"]
+def rows_by_cell(full, part: str) -> dict:
+    """The part's rows by cell, after checking that every planned cell has one (a cut only where designed)."""
+    res = full["report"]["parts"][part]
+    assert res["errors"] == [], res["errors"]
+    unplanned = {c["cell"]: c["reason"] for c in res["cut"] if c["cell"] not in DESIGNED_CUTS[part]}
+    assert unplanned == {}, f"{part}: cut on CPU tiny (shrink the tiny workload): {unplanned}"
+    rows = {r["cell"]: r for r in res["rows"]}
+    assert set(res["plan"]) - {"warm-up"} == set(rows) | DESIGNED_CUTS[part], res["plan"]
+    return rows
+
+
+def test_total_time_well_inside_the_budget(full):
+    assert full["report"]["elapsed_s"] < ROOM * full["budget"], full["report"]["elapsed_s"]
     assert full["seconds"] <= full["budget"] + SLACK_S, full["seconds"]
 
 
@@ -52,34 +73,35 @@ def test_json_structure(full):
     assert set(r) >= {"env", "args", "budget_s", "elapsed_s", "parts", "decode_source"}
     assert set(r["env"]) >= {"date", "device_name", "device_count", "torch", "lightning", "peak_tflops"}
     assert r["env"]["device_name"].startswith("CPU") and r["env"]["peak_tflops"] is None
-    assert set(r["parts"]) == {"train", "fsdp", "decode"}
+    assert list(r["parts"]) == ["fsdp", "decode", "train"]  # gpu_check.PARTS, the run order
     for part, res in r["parts"].items():
         assert set(res) >= {"rows", "cut", "errors", "notes", "plan", "status", "cap_s", "seconds"}, part
-        assert res["status"] in ("ok", "cut"), (part, res["errors"])
-        assert res["errors"] == [], (part, res["errors"])
-        assert res["rows"] or res["cut"], part
-        assert set(res["plan"]) <= accounted(res) | {"warm-up"}, part  # every planned cell: a row or a cut
-        for c in res["cut"]:
-            assert c["reason"], c
+        assert res["status"] == "ok", (part, res["cut"], res["errors"])
+        assert res["seconds"] <= res["cap_s"] + 1, part
     for name in ("train", "decode"):  # the CPU benchmarks' file shape
         shaped = json.loads((full["out"] / f"{name}.json").read_text())
         assert set(shaped) >= {"args", "device", "rows"} and shaped["rows"] == r["parts"][name]["rows"]
 
 
-def test_train_part_covers_every_paradigm_and_mode(full):
+def test_train_part_has_a_row_per_paradigm_and_mode(full):
     from nanollada.lm import LM_CLASSES
     res = full["report"]["parts"]["train"]
     assert res["plan"] == [f"{p} {m}" for m in ("eager", "compile") for p in LM_CLASSES]
-    for row in res["rows"]:
-        assert row["paradigm"] in LM_CLASSES and row["lm_class"] == LM_CLASSES[row["paradigm"]].__name__
+    rows = rows_by_cell(full, "train")
+    for cell, row in rows.items():
+        paradigm, mode = cell.split()
+        assert row["paradigm"] == paradigm and row["lm_class"] == LM_CLASSES[paradigm].__name__
+        assert row["compile"] == (mode == "compile")
+        assert row["compile_backend"] == ("aot_eager" if mode == "compile" else None)  # CPU: no inductor codegen
         assert row["batch"] == 2 and row["oom_halved_from"] == [4]  # the simulated OOM halved 4 -> 2
-        assert row["tok_s"] > 0 and row["tflops"] > 0 and row["mfu"] is None and row["peak_mem_gib"] is None
+        assert positive(row["tok_s"]) and positive(row["tflops"]) and positive(row["step_ms"])
+        assert row["mfu"] is None and row["peak_mem_gib"] is None
         assert row["precision"] == "32-true" and row["steps"] >= 1
     from nanollada.model import ModelConfig
     from nanollada.tokenizer import Tokenizer
     cfg = ModelConfig.from_preset("tiny", vocab_size=Tokenizer().vocab_size)
-    for row in res["rows"]:  # Transformer.flops_per_token of what the module feeds: L, or x_t + x_0 = 2L positions
-        L = row["seq_len"] * (2 if LM_CLASSES[row["paradigm"]].__name__ == "BlockDiffusionLM" else 1)
+    for row in rows.values():  # Transformer.flops_per_token of what the module feeds: L, or x_t + x_0 = 2L positions
+        L = row["seq_len"] * (2 if row["lm_class"] == "BlockDiffusionLM" else 1)
         per_position = 6 * row["params"] + 12 * cfg.n_layers * cfg.d_model * L
         assert row["flops_per_token"] == pytest.approx(per_position * L / row["seq_len"])
 
@@ -88,17 +110,17 @@ def test_fsdp_part_fits_and_predicts(full):
     res = full["report"]["parts"]["fsdp"]
     assert res["plan"] == ["fit", "predict"]
     assert any("single-device" in n for n in res["notes"])  # said, not hidden
-    rows = {r["step"]: r for r in res["rows"]}
-    if "fit" in rows:
-        assert rows["fit"]["rc"] == 0 and rows["fit"]["checkpoint_mb"] > 0
-        assert Path(rows["fit"]["checkpoint"]).exists()
-    if "predict" in rows:
-        assert rows["predict"]["tokens"] > 0 and isinstance(rows["predict"]["completion"], str)
+    rows = rows_by_cell(full, "fsdp")
+    fit, pred = rows["fit"], rows["predict"]
+    assert fit["rc"] == 0 and fit["checkpoint_mb"] > 0 and Path(fit["checkpoint"]).exists()
+    assert fit["steps"] == 2 and fit["devices"] == 1 and fit["strategy"].startswith("SingleDeviceStrategy")
+    assert pred["rc"] == 0 and pred["checkpoint"] == fit["checkpoint"]  # predict reloaded the fit's checkpoint
+    assert pred["tokens"] > 0 and isinstance(pred["completion"], str)
     cfg = Path(res["config"]).read_text()
     assert "max_steps: 2" in cfg and "strategy: auto" in cfg
 
 
-def test_decode_part_covers_every_paradigm_and_strategy(full):
+def test_decode_part_has_a_row_per_paradigm_strategy_and_batch(full):
     from nanollada.lm import LM_CLASSES
     from nanollada.sampling.diffusion import STRATEGIES
     res = full["report"]["parts"]["decode"]
@@ -106,10 +128,13 @@ def test_decode_part_covers_every_paradigm_and_strategy(full):
                + [f"diffusion {s} semi-AR {c}" for s in STRATEGIES for c in ("prefix-cache", "no-cache")]
                + [f"block_diffusion {s} semi-AR {c}" for s in STRATEGIES for c in ("kv-cache", "no-cache")])
     assert res["plan"] == ["warm-up"] + [f"{m} B={B}" for B in (1, 16) for m in methods]
-    for row in res["rows"]:
-        assert row["paradigm"] in LM_CLASSES
-        assert row["tok_s"] > 0 and row["tpf"] == pytest.approx(row["generated"] / row["forwards"])
-        assert row["batch"] in (1, 16) and row["gen"] == 16
+    rows = rows_by_cell(full, "decode")
+    assert {r["paradigm"] for r in rows.values()} == set(LM_CLASSES)
+    for cell, row in rows.items():
+        assert cell == f"{row['method']} B={row['batch']}" and row["batch"] in (1, 16)
+        assert row["gen"] == row["generated"] == 8  # prompt 8, blocks of 4: every paradigm makes exactly 8
+        assert positive(row["tok_s"]) and positive(row["seconds"]) and positive(row["fed_per_token"])
+        assert row["tpf"] == pytest.approx(row["generated"] / row["forwards"]) and row["tpf"] >= 1
     assert "random weights" in full["report"]["decode_source"]
 
 
@@ -119,9 +144,9 @@ def test_markdown_printed_and_written(full):
     assert md.startswith("# nanollada GPU check: ") and "torch " in md
     for header in ("| paradigm | compile | precision |", "| step | strategy | devices |", "| method | batch | gen |"):
         assert header in md
-    for part, res in full["report"]["parts"].items():
-        for c in res["cut"]:
-            assert f"cut: {c['cell']} (" in md
+    assert md.index("## train") < md.index("## fsdp") < md.index("## decode")  # gpu_check.SHOW
+    assert "| block_diffusion | aot_eager | 32-true |" in md
+    assert "| block_diffusion threshold semi-AR kv-cache | 16 |" in md
 
 
 def test_a_part_killed_at_its_cap_is_reported_cut(tmp_path):
