@@ -123,11 +123,24 @@ def validated(runs):
                       data={**DATA_ARGS, "batch_size": B})
     procs = {n: start_cli(["validate", "--config", c, "--ckpt_path", ckpt], cwd=work / n) for n, c in cfgs.items()}
     procs["skip"] = start_cli(["fit", "--config", skip], cwd=work / "skip")
-    out = {n: finish(p, timeout=180) for n, p in procs.items()}
-    for n in cfgs:
+    # The diffusion paradigms score a Monte-Carlo ELBO: the masks must follow the row, not the batch or the rank.
+    # Their freshly initialised tiny models (seed_everything: 0 in every process) are validated without a checkpoint.
+    diffusion = {}
+    for kind in ("diffusion", "block_diffusion"):
+        for d in (1, 2):
+            n = f"{kind}_val{d}"
+            diffusion[n] = fit_config(work / n, name=n, base=CONFIGS / "tiny" / f"{kind}_pretrain.yaml",
+                                      cache_dir=work / "cache_diffusion", checkpoint=CKPT,
+                                      trainer={"limit_val_batches": 1.0, "devices": d, "accelerator": "cpu",
+                                               "strategy": "ddp" if d > 1 else "auto"},
+                                      data={"batch_size": B, "max_val_rows": VAL_ROWS, "num_workers": 0})
+    for n, c in diffusion.items():
+        procs[n] = start_cli(["validate", "--config", c], cwd=work / n)
+    out = {n: finish(p, timeout=300) for n, p in procs.items()}
+    for n in [*cfgs, *diffusion]:
         check_ok(out[n], f"validate {n}")
     return {n: {t: scalars(work / n / "logs" / n / "version_0", t) for t in ("val/nll", "val/tokens", "val/ppl")}
-            for n in cfgs} | {"skip": out["skip"], "val2_out": out["val2"]}
+            for n in [*cfgs, *diffusion]} | {"skip": out["skip"], "val2_out": out["val2"]}
 
 
 def test_two_process_validation_matches_one_process(validated):
@@ -138,6 +151,15 @@ def test_two_process_validation_matches_one_process(validated):
     assert one["val/tokens"] == two["val/tokens"] == {0: VAL_ROWS * SEQ}
     assert two["val/nll"][0] == pytest.approx(one["val/nll"][0], rel=1e-5)
     assert two["val/ppl"][0] == pytest.approx(one["val/ppl"][0], rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "block_diffusion"])
+def test_two_process_diffusion_validation_matches_one_process(validated, kind):
+    """The ELBO's masks are drawn per validation row (seeded by its global index), so 2 ranks scoring disjoint
+    shards in other batches give the single process's val/nll -- not the same masks replayed on every rank."""
+    one, two = validated[f"{kind}_val1"], validated[f"{kind}_val2"]
+    assert one["val/tokens"] == two["val/tokens"] and one["val/tokens"][0] > 0
+    assert two["val/nll"][0] == pytest.approx(one["val/nll"][0], rel=1e-5)
 
 
 def test_eval_loader_shards_rows_by_rank(tmp_path):
@@ -158,6 +180,36 @@ def test_eval_loader_shards_rows_by_rank(tmp_path):
     assert [len(s) for s in shards] == [4, 3, 3]
     for rank, shard in enumerate(shards):
         assert all(torch.equal(a, b) for a, b in zip(shard, full[rank::3], strict=True))
+
+
+@pytest.mark.parametrize("kind", ["MaskedDiffusionLM", "BlockDiffusionLM"])
+def test_diffusion_validation_masks_follow_the_row_not_the_batch(tmp_path, kind):
+    """Summed over the validation set, the Monte-Carlo ELBO is the same for any batch size and any rank split: each
+    row's masks come from its own generator (seeded by its global index) and never depend on its batch."""
+    from types import SimpleNamespace
+
+    import nanollada.lm as lm
+    from nanollada.data.datamodule import LMDataModule
+    torch.manual_seed(0)
+    module = getattr(lm, kind)(preset="tiny", max_seq_len=64).eval()
+    sums = {}
+    for batch_size, world in ((2, 1), (5, 1), (3, 2)):
+        dm = LMDataModule([str(DATA / "pretrain.jsonl")], seq_len=SEQ, batch_size=batch_size, val_fraction=0.05,
+                          max_val_rows=9, cache_dir=str(tmp_path / "cache"))
+        dm.setup("validate")
+        nll = tokens = 0.0
+        for rank in range(world):
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, lightning_module=module)
+            for i, batch in enumerate(dm.val_dataloader()):
+                assert batch["row_index"].tolist() == list(range(rank, 9, world))[i * batch_size:(i + 1) * batch_size]
+                with torch.no_grad():
+                    n, t = module.eval_sums(module.transfer_batch_to_device(batch, module.device, 0), i)
+                nll, tokens = nll + float(n), tokens + float(t)
+        sums[(batch_size, world)] = (nll, tokens)
+    (nll0, tok0), *rest = sums.values()
+    for nll, tok in rest:
+        assert tok == tok0
+        assert nll == pytest.approx(nll0, rel=1e-5)
 
 
 def test_nonfinite_skip_is_refused_on_several_devices(validated):

@@ -114,6 +114,35 @@ class MixtureSampler(Sampler[int]):
             pos += self.world_size
 
 
+class IndexedRows(Dataset):
+    """The rows ``indices`` of ``rows``, each item a dict with its global row index added as ``"row_index"``.
+
+    Validation tags every row with its index in the whole (capped) validation set, so a model can seed per-row
+    randomness (the diffusion ELBO's masks) by the row itself: the estimate then does not depend on the batch size,
+    the batch a row lands in or the number of ranks.
+    """
+
+    def __init__(self, rows: Dataset, indices: Sequence[int]):
+        self.rows, self.indices = rows, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        return {**self.rows[self.indices[k]], "row_index": self.indices[k]}
+
+
+class RowIndexCollate:
+    """Wraps a collate: the batch also carries ``"row_index"`` (B,) long, the items' global row indices."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items: list[dict]) -> dict:
+        index = torch.tensor([item.pop("row_index") for item in items], dtype=torch.long)
+        return {**self.collate(items), "row_index": index}
+
+
 class LMDataModule(L.LightningDataModule):
     """Pretraining or SFT jsonl(.gz) files, tokenized, cached, split and batched for either paradigm.
 
@@ -258,16 +287,16 @@ class LMDataModule(L.LightningDataModule):
 
     def _eval_loader(self) -> DataLoader:
         """The validation rows of this rank: rows r, r + W, r + 2W, ... (the CLI sets ``use_distributed_sampler:
-        false``), so the ranks' shards partition the rows and the summed metrics equal one process's.
+        false``), so the ranks' shards partition the rows and the summed metrics equal one process's. Batches carry
+        ``row_index`` (the rows' global indices) for per-row seeding.
         ``trainer.limit_val_batches`` caps batches per rank; ``max_val_rows`` is the cap that ignores the device count.
         """
         if len(self.val_set) == 0:
             raise DataError(f"no validation rows in {', '.join(self.files)} (data.val_fraction="
                             f"{self.hparams.val_fraction}); raise val_fraction or give longer files")
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        rows = self.val_set if world == 1 else torch.utils.data.Subset(self.val_set,
-                                                                       range(rank, len(self.val_set), world))
-        return DataLoader(rows, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
+        rows = IndexedRows(self.val_set, range(rank, len(self.val_set), world))
+        return DataLoader(rows, batch_size=self.batch_size, shuffle=False, collate_fn=RowIndexCollate(self._collate()),
                           num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:

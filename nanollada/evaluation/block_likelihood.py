@@ -17,13 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanollada.evaluation.likelihood import Generators, uniform
 from nanollada.model import block_diffusion_mask
 from nanollada.noise import mask_probability
-
-
-def _rand(shape, generator, device) -> torch.Tensor:
-    gen_device = "cpu" if generator is None else generator.device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
 def block_diffusion_logits(model, noisy: torch.Tensor, clean: torch.Tensor, doc_ids: torch.Tensor,
@@ -56,7 +52,7 @@ def pad_to_blocks(ids: torch.Tensor, eligible: torch.Tensor, doc_ids: torch.Tens
 @torch.no_grad()
 def block_diffusion_elbo(model, ids: torch.Tensor, eligible: torch.Tensor, doc_ids: torch.Tensor, mask_id: int,
                          block_size: int, *, num_samples: int = 4,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: Generators = None) -> torch.Tensor:
     """Monte-Carlo negative ELBO per row in nats: (B,) float32, an upper bound on the NLL of the eligible tokens.
 
     ids (B, L) clean tokens, eligible (B, L) bool (tokens scored; the rest stay visible), doc_ids (B, L) (padding
@@ -66,11 +62,11 @@ def block_diffusion_elbo(model, ids: torch.Tensor, eligible: torch.Tensor, doc_i
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     B, L = ids.shape
-    u = _rand((B,), generator, ids.device)
+    u = uniform((B,), generator, ids.device)
     total = torch.zeros(B, dtype=torch.float32, device=ids.device)
     for k in range(num_samples):
         p_mask = mask_probability((k + u) / num_samples)
-        masked = (_rand((B, L), generator, ids.device) < p_mask[:, None]) & eligible
+        masked = (uniform((B, L), generator, ids.device) < p_mask[:, None]) & eligible
         noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
         logits = block_diffusion_logits(model, noisy, ids, doc_ids, block_size)
         ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")

@@ -27,8 +27,28 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def _rand(shape: tuple, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """U(0, 1) of ``shape`` drawn on the generator's device (reproducible), moved to ``device``."""
+class RowGenerators(list):
+    """One ``torch.Generator`` per row of a batch, for draws that must follow the row (validation seeds them by the
+    row's global index). Every draw takes ``width`` uniforms per row and keeps the first T, so a row's draws depend
+    neither on the batch it is in nor on the batch's padded length T <= ``width``."""
+
+    def __init__(self, generators: list[torch.Generator], width: int):
+        super().__init__(generators)
+        self.width = width
+
+
+Generators = torch.Generator | RowGenerators | None
+
+
+def uniform(shape: tuple, generator: Generators, device: torch.device) -> torch.Tensor:
+    """U(0, 1) of ``shape`` (B,) or (B, T) drawn on the generator's device (reproducible), moved to ``device``;
+    with ``RowGenerators`` row b is drawn from its own generator."""
+    if isinstance(generator, RowGenerators):
+        n = shape[1] if len(shape) > 1 else 1
+        if len(generator) != shape[0] or n > generator.width:
+            raise ValueError(f"{len(generator)} row generators of width {generator.width} for a draw of {shape}")
+        rows = [torch.rand(generator.width, generator=g, device=g.device)[:n] for g in generator]
+        return torch.stack(rows).reshape(shape).to(device)
     gen_device = "cpu" if generator is None else generator.device
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
@@ -87,7 +107,7 @@ def ar_sequence_logprob(model, context_ids: list[list[int]], target_ids: list[li
 
 @torch.no_grad()
 def diffusion_elbo(model: Callable[..., torch.Tensor], ids: torch.Tensor, eligible: torch.Tensor, mask_id: int, *,
-                   num_samples: int = 8, generator: torch.Generator | None = None,
+                   num_samples: int = 8, generator: Generators = None,
                    attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Monte-Carlo negative ELBO per row in nats (an upper bound on the NLL of the eligible tokens): (B,) float32.
 
@@ -105,18 +125,18 @@ def diffusion_elbo(model: Callable[..., torch.Tensor], ids: torch.Tensor, eligib
         eligible: (B, T) bool, the tokens to score (may be masked); the rest (prompt, padding) stay visible.
         mask_id: The mask token id.
         num_samples: Monte-Carlo draws (one forward each).
-        generator: Seeds every draw, so validation is repeatable.
+        generator: Seeds every draw, so validation is repeatable; ``RowGenerators`` seed each row's own.
         attn_mask: Optional bool (B or 1, 1, T, T) padding/document mask passed to the model.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     B, T = ids.shape
     eligible = eligible.bool()
-    u = _rand((B,), generator, ids.device)
+    u = uniform((B,), generator, ids.device)
     total = torch.zeros(B, dtype=torch.float32, device=ids.device)
     for k in range(num_samples):
         p_mask = mask_probability((k + u) / num_samples)  # (B,)
-        masked = (_rand((B, T), generator, ids.device) < p_mask[:, None]) & eligible
+        masked = (uniform((B, T), generator, ids.device) < p_mask[:, None]) & eligible
         noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
         logits = model(noisy, attn_mask=attn_mask)
         ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")  # (B, T)
@@ -143,8 +163,8 @@ def _group_draws(groups: list, target_ids: list[list[int]], num_samples: int,
     longest = [0] * len(index)
     for j, t in zip(owner, target_ids):
         longest[j] = max(longest[j], len(t))
-    u = _rand((len(index),), generator, torch.device("cpu"))
-    scores = [_rand((num_samples, n), generator, torch.device("cpu")) for n in longest]
+    u = uniform((len(index),), generator, torch.device("cpu"))
+    scores = [uniform((num_samples, n), generator, torch.device("cpu")) for n in longest]
     return owner, u, scores
 
 
@@ -201,7 +221,7 @@ def diffusion_conditional_logprob(model, context_ids: list[list[int]], target_id
         attn_mask = key_padding_mask(real)
         L = target.sum(1)  # (B,)
         if groups is None:
-            u = _rand((B,), generator, device)
+            u = uniform((B,), generator, device)
         else:
             u = group_u[[owner[i] for i in index]].to(device)
             shared = torch.full((num_samples, B, T), 2.0)  # non-targets rank last
@@ -213,7 +233,7 @@ def diffusion_conditional_logprob(model, context_ids: list[list[int]], target_id
         total = torch.zeros(B, dtype=torch.float64, device=device)
         for k in range(num_samples):
             l = ((torch.round(l0 + k * L.double() / num_samples).long() - 1) % L) + 1  # (B,) in 1..L
-            score = _rand((B, T), generator, device).masked_fill(~target, 2.0) if groups is None else shared[k]
+            score = uniform((B, T), generator, device).masked_fill(~target, 2.0) if groups is None else shared[k]
             rank = score.argsort(1).argsort(1)
             masked = rank < l[:, None]  # exactly l random target positions
             noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)

@@ -226,6 +226,16 @@ class LanguageModel(L.LightningModule):
         """(NLL sum in nats, token count) for a batch: exact for AR, an ELBO bound for diffusion."""
         raise NotImplementedError
 
+    def eval_generators(self, batch: dict, batch_idx: int, seed: int):
+        """The generators of a Monte-Carlo evaluation batch: one per row seeded by (``seed``, the row's global index)
+        when the batch carries ``row_index`` (the validation/test loaders add it), so the estimate does not depend on
+        the batch size, the batching or the number of ranks; else one for the batch, seeded by ``batch_idx``."""
+        from nanollada.evaluation.likelihood import RowGenerators
+        if "row_index" not in batch:
+            return torch.Generator(device=self.device).manual_seed(seed + batch_idx)
+        return RowGenerators([torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + int(r))
+                              for r in batch["row_index"].tolist()], width=self.config.max_seq_len)
+
     def on_train_end(self) -> None:
         self._check_finite()
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from nanollada.data.collate import DiffusionCollate
 from nanollada.errors import ConfigError
-from nanollada.evaluation.block_likelihood import block_diffusion_elbo, block_diffusion_logits, pad_to_blocks
+from nanollada.evaluation.block_likelihood import block_diffusion_elbo, block_diffusion_logits
 from nanollada.lm.base import LanguageModel
 from nanollada.noise import IIDTime, MaskRatioSampler, drop_prompts, mask_probability
 
@@ -289,11 +289,12 @@ class BlockDiffusionLM(LanguageModel):
         return torch.where(docs < 0, -1, 0)
 
     def eval_sums(self, batch: dict, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Monte-Carlo negative block-ELBO sum in nats, eligible token count) at ``block_size``, fixed masks."""
-        g = self._generator(self.hparams.val_seed + batch_idx)
-        ids, eligible, docs = pad_to_blocks(batch["input_ids"], batch["eligible"], self._doc_ids(batch),
-                                            min(self.hparams.block_size, batch["input_ids"].shape[1]),
-                                            self.tokenizer.eos_id)
+        """(Monte-Carlo negative block-ELBO sum in nats, eligible token count) at ``block_size``: rows cut to their
+        effective length as in training (``round_rows_to_blocks``), masks fixed per row by ``val_seed``."""
+        g = self.eval_generators(batch, batch_idx, self.hparams.val_seed)
+        ids, eligible, docs = round_rows_to_blocks(batch["input_ids"], batch["eligible"], self._doc_ids(batch),
+                                                   min(self.hparams.block_size, batch["input_ids"].shape[1]),
+                                                   self.tokenizer.eos_id)
         block = min(self.hparams.block_size, ids.shape[1])
         nll = block_diffusion_elbo(self.forward_model, ids, eligible, docs, self.mask_id, block,
                                    num_samples=self.hparams.val_samples, generator=g)

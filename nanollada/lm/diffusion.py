@@ -137,8 +137,8 @@ class MaskedDiffusionLM(LanguageModel):
         return loss
 
     def eval_sums(self, batch: dict, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Monte-Carlo negative-ELBO sum in nats, eligible token count); masks fixed by (val_seed, batch_idx)."""
-        g = self._generator(self.hparams.val_seed + batch_idx)
+        """(Monte-Carlo negative-ELBO sum in nats, eligible token count); masks fixed per row by val_seed."""
+        g = self.eval_generators(batch, batch_idx, self.hparams.val_seed)
         nll = diffusion_elbo(self.forward_model, batch["input_ids"], batch["eligible"], self.mask_id,
                              num_samples=self.hparams.val_samples, generator=g,
                              attn_mask=self.attention_mask(batch))

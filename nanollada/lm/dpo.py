@@ -45,6 +45,7 @@ from torchmetrics import SumMetric
 from nanollada.data.collate import IGNORE_INDEX, DiffusionCollate
 from nanollada.errors import ConfigError
 from nanollada.evaluation.block_likelihood import block_diffusion_logits, pad_to_blocks
+from nanollada.evaluation.likelihood import Generators, uniform
 from nanollada.lm.ar import ARLM
 from nanollada.lm.base import LanguageModel
 from nanollada.lm.block_diffusion import BlockDiffusionLM
@@ -219,25 +220,28 @@ class DiffusionDPOMixin(DPOMixin):
             raise ConfigError(f"dpo_samples and val_samples must be >= 1, got {dpo_samples}, {val_samples}")
         self.mask_id = self.tokenizer.mask_id
 
-    def _generator(self, train: bool, batch_idx: int) -> torch.Generator:
+    def _generator(self, train: bool, batch: dict, batch_idx: int):
         h = self.hparams
         if not train:
-            seed = h.val_seed + batch_idx
-        else:
-            accum, world = self.trainer.accumulate_grad_batches, max(1, self.trainer.world_size)
-            seed = ((h.noise_seed * 1_000_003 + self.global_step) * accum + batch_idx % accum) * world + \
-                self.global_rank
+            # Validation draws follow the pair: rows are the B chosen then the B rejected responses, and response
+            # j of pair i is seeded by 2i + j, whatever the batching or the number of ranks.
+            pairs = batch.get("row_index")
+            rows = {} if pairs is None else {"row_index": torch.cat([2 * pairs, 2 * pairs + 1])}
+            return self.eval_generators(rows, batch_idx, h.val_seed)
+        accum, world = self.trainer.accumulate_grad_batches, max(1, self.trainer.world_size)
+        seed = ((h.noise_seed * 1_000_003 + self.global_step) * accum + batch_idx % accum) * world + \
+            self.global_rank
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def draw_noise(self, ids: torch.Tensor, eligible: torch.Tensor, samples: int, g: torch.Generator):
+    def draw_noise(self, ids: torch.Tensor, eligible: torch.Tensor, samples: int, g: Generators):
         """K stratified draws per row: noisy ids (K, R, T), masked (K, R, T) bool, p_mask (K, R).
 
         Draw k of row r masks each eligible token with probability p_mask((k + u_r) / K), u_r ~ U(0, 1)."""
         R, T = ids.shape
-        u = torch.rand(R, generator=g, device=g.device).to(ids.device)
+        u = uniform((R,), g, ids.device)
         k = torch.arange(samples, device=ids.device, dtype=u.dtype)[:, None]
         p_mask = mask_probability((k + u[None]) / samples)
-        rand = torch.rand((samples, R, T), generator=g, device=g.device).to(ids.device)
+        rand = torch.stack([uniform((R, T), g, ids.device) for _ in range(samples)])
         masked = (rand < p_mask[..., None]) & eligible[None]
         noisy = torch.where(masked, torch.full_like(ids, self.mask_id)[None], ids[None])
         return noisy, masked, p_mask
@@ -255,7 +259,7 @@ class DiffusionDPOMixin(DPOMixin):
         h = self.hparams
         ids, eligible, docs = self.rows(batch)
         samples = h.dpo_samples if train else h.val_samples
-        g = self._generator(train, batch_idx)
+        g = self._generator(train, batch, batch_idx)
         draws = self.draw_noise(ids, eligible, samples, g)
         if train:  # K policy forwards with gradient plus K reference forwards (a third of the cost each)
             self.flops_per_batch = int(self.model.flops_per_token(ids.shape[1] * self.input_factor) * ids.numel()
