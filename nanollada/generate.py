@@ -50,7 +50,8 @@ class GenerationSettings:
         block_length: Diffusion: semi-autoregressive block length (masked diffusion) or decode block (block
             diffusion); None = the paradigm's default (32; block diffusion: the block size it was trained with). One
             block of the whole answer: ``--block_length`` = ``--max_new_tokens``.
-        threshold: Diffusion: confidence threshold tau of ``threshold`` / ``threshold_topk``.
+        threshold: Diffusion: confidence threshold tau of ``threshold`` / ``threshold_topk``; None = the paradigm's
+            default (0.9; block diffusion 0.95, LLaDA 2.0 / dInfer).
         commit_top_k: Diffusion: at most this many commits per step in ``threshold_topk``.
         budget: Diffusion: cap on forwards for ``threshold_topk`` (None = no cap).
         use_prefix_cache: Diffusion: Fast-dLLM prefix KV cache (prompt and finished blocks computed once per block);
@@ -85,7 +86,7 @@ class GenerationSettings:
     strategy: Literal["low_confidence", "random", "threshold", "threshold_topk"] | None = None
     steps: int | None = None
     block_length: int | None = None
-    threshold: float = 0.9
+    threshold: float | None = None
     commit_top_k: int = 4
     budget: int | None = None
     use_prefix_cache: bool | None = None
@@ -123,7 +124,7 @@ class GenerationSettings:
             bad("steps", self.steps, ">= 1, or null for one step per block position")
         if self.block_length is not None and self.block_length < 1:
             bad("block_length", self.block_length, ">= 1, or null for the paradigm's default")
-        if not 0 <= self.threshold <= 1:
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
             bad("threshold", self.threshold, "[0, 1]")
         if self.commit_top_k < 1:
             bad("commit_top_k", self.commit_top_k, ">= 1")
@@ -177,7 +178,7 @@ class GenerationSettings:
 
 
 PARADIGM_DEFAULT_FIELDS = ("temperature", "top_p", "repetition_penalty", "strategy", "use_prefix_cache",
-                           "block_length")
+                           "block_length", "threshold")
 
 
 def _check_type(name: str, value, hint):

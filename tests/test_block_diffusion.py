@@ -484,9 +484,6 @@ def loaded(tok, paradigm: str, seed: int = 0):
                        paradigm_config={"block_size": 8} if paradigm == "block_diffusion" else {})
 
 
-@pytest.mark.xfail(strict=True, reason="GenerationSettings.threshold is a plain float (0.9), not a paradigm-default "
-                   "field: needs threshold: float | None = None in PARADIGM_DEFAULT_FIELDS (generate.py) and 0.9 in "
-                   "Paradigm.default_generation (paradigms/base.py); remove this mark then")
 def test_block_diffusion_decodes_at_threshold_095_by_default(shipped_tokenizer):
     """LLaDA 2.0 / dInfer threshold 0.95 for block diffusion; masked diffusion keeps its own; explicit values and
     the editing presets still win."""

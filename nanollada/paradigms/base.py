@@ -231,7 +231,7 @@ class Paradigm:
         None ("the paradigm's default", ``generate.PARADIGM_DEFAULT_FIELDS``), chosen to read like text. The base
         values are neutral (greedy, nothing extra); a paradigm overrides the ones it cares about."""
         return {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "strategy": "low_confidence",
-                "use_prefix_cache": False, "block_length": 32}
+                "use_prefix_cache": False, "block_length": 32, "threshold": 0.9}
 
     def decoding_key(self, settings) -> str:
         """A key that two ``GenerationSettings`` share exactly when this paradigm decodes them identically (a

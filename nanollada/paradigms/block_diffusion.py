@@ -91,7 +91,7 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
         blocks of the trained size, greedy, with the exact cache of finished blocks (``use_kv_cache``). With
         ``editing`` on, its preset's (tau_mask, tau_edit) decide instead (``editing: custom`` reads ``threshold``)."""
         return {**super().default_generation(), "temperature": 0.0,
-                "threshold": 0.95,  # applies once GenerationSettings.threshold is a paradigm-default field
+                "threshold": 0.95,
                 "block_length": self.block_size, "use_prefix_cache": False}
 
     def decoding_key(self, settings) -> str:
