@@ -21,29 +21,41 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import Dataset
 
 
+def _prompt_field(record: dict) -> str:
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError("expected a JSON object with a string 'prompt' field")
+    return prompt
+
+
+def _text_lines(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file; ValueError ``path:line: not valid UTF-8`` on a bad line."""
+    out = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if line.strip():
+                out.append(line)
+    return out
+
+
 def read_prompts(prompts: list[str], path: str | None) -> list[str]:
-    """Prompts from the command line and/or a file; ValueError naming the file and line for bad input."""
+    """Prompts from the command line and/or a file: ``.jsonl``/``.jsonl.gz`` records ``{"prompt": ...}`` (through
+    the project's one JSONL reader) or a text file, one prompt per non-blank line. ValueError naming the file and
+    line for bad input."""
+    from nanollada.data.records import read_jsonl
     out = list(prompts)
     if path:
         try:
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    if str(path).endswith(".jsonl"):
-                        try:
-                            rec = json.loads(line)
-                            out.append(rec["prompt"])
-                        except (ValueError, KeyError, TypeError):
-                            raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'prompt' field")
-                        if not isinstance(out[-1], str):
-                            raise ValueError(f"{path}:{lineno}: 'prompt' must be a string")
-                    else:
-                        out.append(line.rstrip("\n"))
+            if str(path).endswith((".jsonl", ".jsonl.gz")):
+                out.extend(prompt for _, prompt in read_jsonl(path, parse=_prompt_field))
+            else:
+                out.extend(_text_lines(path))
         except FileNotFoundError:
             raise ValueError(f"prompts file not found: {path}") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not out:
         raise ValueError("no prompts: give --prompt TEXT or --prompts_file FILE")
     for i, p in enumerate(out):

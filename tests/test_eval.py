@@ -250,12 +250,22 @@ def test_cli_end_to_end_two_checkpoints_one_table(checkpoints, tmp_path):
     labels = [c["label"] for c in result["checkpoints"]]
     assert labels == ["ar/checkpoints/last.ckpt", "dm/checkpoints/last.ckpt"]
     assert [t["family"] for t in result["tasks"]] == ["perplexity", "minimal_pairs", "multiple_choice", "cloze"]
-    for label in labels:
+    # The CLI's numbers are exactly what the library computes in-process on the same tasks, settings and seed.
+    from nanollada.loading import load_checkpoint
+    settings = EvalSettings(**result["settings"])
+    tasks = [resolve_task(spec, root=root, limit=2) for spec in ("ppl-en-src", "blimp", str(mc), str(cl))]
+    metric = {"ppl-en-src": ("nats_per_token", "tokens"), "blimp": ("accuracy",), "mc": ("accuracy", "chance"),
+              "cl": ("exact_match",)}
+    for label, path in zip(labels, (ar, dm)):
         r = result["results"][label]
-        assert r["ppl-en-src"]["tokens"] > 0 and math.isfinite(r["ppl-en-src"]["nats_per_token"])
+        loaded = load_checkpoint(str(path))
+        for task in tasks:
+            want = evaluate_task(loaded, task, settings)
+            for key in metric[task.name]:
+                assert r[task.name][key] == pytest.approx(want[key], rel=1e-6), (label, task.name, key)
+        assert r["ppl-en-src"]["tokens"] > 0
         assert r["blimp"]["items"] == 2 and set(r["blimp"]["groups"]) == {"agr", "isl"}
-        assert 0 <= r["mc"]["accuracy"] <= 1 and r["mc"]["chance"] == pytest.approx((1 / 3 + 1 / 4) / 2)
-        assert 0 <= r["cl"]["exact_match"] <= 1
+        assert r["mc"]["chance"] == pytest.approx((1 / 3 + 1 / 4) / 2)
         assert all(v["items_per_s"] > 0 for v in r.values())
     table = md.read_text(encoding="utf-8")
     assert f"| task | metric | {labels[0]} (ar) | {labels[1]} (diffusion) | chance |" in table

@@ -76,12 +76,32 @@ def test_predict_rejects_bad_prompts_with_clear_errors(checkpoints):
     work, ar, _ = checkpoints
     bad = work / "bad.txt"
     bad.write_bytes(b"fine\n\xff\xfe broken\n")
-    for args, message in ((["--prompt", "   "], "empty"), (["--prompts_file", bad], "not valid UTF-8"),
+    for args, message in ((["--prompt", "   "], "empty"), (["--prompts_file", bad], "bad.txt:2: not valid UTF-8"),
                           (["--prompts_file", work / "missing.txt"], "not found"), ([], "no prompts")):
         r = run_cli(["predict", "--ckpt", ar, *args], work)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     r = run_cli(["predict", "--ckpt", work / "nope.ckpt", "--prompt", "x"], work)
     assert r.returncode != 0 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompt_files_are_read_by_the_one_jsonl_reader(tmp_path):
+    """.jsonl/.jsonl.gz prompts go through ``records.read_jsonl`` (file:line errors, gzip); text files give
+    one prompt per non-blank line."""
+    import gzip
+
+    from nanollada.prediction import read_prompts
+    good = tmp_path / "p.jsonl.gz"
+    with gzip.open(good, "wt", encoding="utf-8") as fh:
+        fh.write('{"prompt": "one"}\n\n{"prompt": "二", "extra": 1}\n')
+    assert read_prompts(["cli"], str(good)) == ["cli", "one", "二"]
+    (tmp_path / "t.txt").write_text("a b\n\n  c\n", encoding="utf-8")
+    assert read_prompts([], str(tmp_path / "t.txt")) == ["a b", "  c"]
+    for body, where in (('{"prompt": "ok"}\n{"text": "x"}\n', ":2: "), ('{"prompt": 3}\n', ":1: "),
+                        ('{"prompt": "ok"}\n[1, 2]\n', ":2: "), ('not json\n', ":1: ")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(body, encoding="utf-8")
+        with pytest.raises(ValueError, match=f"bad.jsonl{where}"):
+            read_prompts([], str(bad))
 
 
 def test_compare_runs_both_paradigms_through_the_cli(checkpoints):
@@ -143,6 +163,14 @@ def test_lightning_predict_help_explains_generation_settings(checkpoints):
                  "--data.predict_file"):
         assert flag in r.stdout, flag
     assert "Fast-dLLM" in r.stdout  # the field docs become the help text
+    # --print_config shows the resolved generation settings with a command-line override applied
+    r = run_cli(["predict", "--config", work / "dm" / "dm.yaml", "--generation.threshold", "0.75",
+                 "--print_config"], work)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import yaml
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["generation"]["threshold"] == 0.75 and "strategy" in cfg["generation"]
+    assert cfg["model"]["class_path"] == "nanollada.lm.MaskedDiffusionLM"
 
 
 @pytest.mark.parametrize("flag,value,allowed", [("top_p", 1.5, "(0, 1]"), ("threshold", 2.0, "[0, 1]"),
@@ -177,8 +205,13 @@ def test_strategy_registry_matches_the_settings_choices():
 
 
 def test_only_the_registry_knows_paradigm_names():
-    """No module outside nanollada/paradigms compares paradigm names (a new paradigm is a new class)."""
-    pattern = re.compile(r'== "ar"|== "diffusion"|paradigm ==|paradigm !=|!= "ar"|!= "diffusion"')
+    """No module outside nanollada/paradigms branches on paradigm names or LightningModule classes (a new paradigm is
+    a new class): no ``== "ar"``, ``paradigm !=``, ``in ("ar", ...)`` or ``isinstance(m, ARLM)``."""
+    names = r'"(?:ar|diffusion|block_diffusion)"'
+    pattern = re.compile(rf'(?:==|!=)\s*{names}|{names}\s*(?:==|!=)|paradigm\s*(?:==|!=)|\bin\s*[(\[{{]\s*{names}'
+                         r'|isinstance\([^)]*\b(?:ARLM|MaskedDiffusionLM|BlockDiffusionLM|ARDPO)\b')
+    for line in ('if p == "ar":', 'paradigm != x', 'if kind in ("diffusion", "ar"):', 'isinstance(m, ARLM)'):
+        assert pattern.search(line), line  # the pattern catches each form it is meant to
     hits = [f"{p}:{i}" for root in ("nanollada", "benchmarks", "scripts") for p in sorted((REPO / root).rglob("*.py"))
             if "paradigms" not in p.parts for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
