@@ -9,8 +9,12 @@ so answers fit but long conversations do not.
 
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import CONFIGS, DATA, finish, fit_config, start_cli
@@ -44,3 +48,18 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     torch.save(payload, paths["pre"])
     _CACHE.update(paths)
     return _CACHE
+
+
+def require_chromium(environ=os.environ, which=shutil.which) -> str:
+    """The headless browser of tests/test_web_page.py (Debian's ``chromium``). Missing it, CI (``CI`` set: .ci/run
+    exports it after installing chromium) fails the run, never a silent skip; locally the module is skipped and the
+    reason is also given as a warning, which pytest prints without ``-rs``."""
+    path = which("chromium") or which("chromium-browser")
+    if path:
+        return path
+    if environ.get("CI"):
+        pytest.fail("CI is set but no chromium is on PATH: .ci/run could not install Debian's chromium package "
+                    "(see its warning); the web-page test cannot run", pytrace=False)
+    reason = "needs Debian's chromium package (apt-get install chromium); not run (CI unset)"
+    warnings.warn(f"tests/test_web_page.py skipped: {reason}", pytest.PytestWarning)
+    pytest.skip(reason, allow_module_level=True)

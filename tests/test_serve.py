@@ -380,22 +380,19 @@ def test_load_test_script_runs_bounded_and_clean(server, tmp_path):
         mod.main(["--url", "http://10.0.0.1:8000"])
 
 
-def test_web_page_test_fails_in_ci_without_chromium_and_skips_locally_with_a_reason(tmp_path):
-    """tests/test_web_page.py needs a browser: in CI (``CI`` set, as .ci/run does) a missing chromium is a collection
-    error, never a silent skip; locally it is a skip whose reason is printed without -rs. .ci/run exports CI before
-    pytest and warns (on stderr) when it cannot install chromium."""
+def test_web_page_test_fails_in_ci_without_chromium_and_skips_locally_with_a_reason():
+    """tests/test_web_page.py needs a browser: in CI (``CI`` set, as .ci/run does before pytest) a missing chromium
+    fails the run, never a silent skip; locally it is a skip whose reason is also a warning (printed without -rs).
+    .ci/run exports CI before pytest and warns on stderr when it cannot install chromium."""
     from conftest import REPO
-    run = (REPO / ".ci" / "run").read_text()
-    pytest_line = next(i for i, line in enumerate(run.splitlines()) if line.startswith("python -m pytest"))
-    export = [i for i, line in enumerate(run.splitlines()) if re.match(r"export CI=1\b", line)]
+    from serve_fixtures import require_chromium
+    run = (REPO / ".ci" / "run").read_text().splitlines()
+    pytest_line = next(i for i, line in enumerate(run) if line.startswith("python -m pytest"))
+    export = [i for i, line in enumerate(run) if re.match(r"export CI=1\b", line)]
     assert export and export[0] < pytest_line, "CI is not exported before pytest"
-    assert re.search(r"warning: .*chromium.*>&2", run), "no warning on stderr when chromium cannot be installed"
-    bare = tmp_path / "bin"  # a PATH without chromium
-    bare.mkdir()
-    for ci, want_rc, want in (("1", 2, "CI is set but no chromium"), ("", 0, "needs Debian's chromium")):
-        env = {**cli_env(1), "PATH": str(bare), "CI": ci}
-        env.pop("PYTHONWARNINGS", None)  # the skip's reason is a warning
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                            "--collect-only", str(REPO / "tests" / "test_web_page.py")], cwd=REPO / "tests",
-                           env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode in ((want_rc,) if ci else (0, 5)) and want in r.stdout, (ci, r.stdout[-2000:])
+    assert any(re.search(r"echo \"warning: .*chromium.*>&2", line) for line in run), "no warning on stderr"
+    assert require_chromium({}, which=lambda name: f"/usr/bin/{name}") == "/usr/bin/chromium"
+    with pytest.raises(pytest.fail.Exception, match="CI is set but no chromium"):
+        require_chromium({"CI": "1"}, which=lambda name: None)
+    with pytest.warns(pytest.PytestWarning, match="needs Debian's chromium"), pytest.raises(pytest.skip.Exception):
+        require_chromium({}, which=lambda name: None)

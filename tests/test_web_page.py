@@ -6,26 +6,16 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.request
-import warnings
 
 import pytest
 
-from serve_fixtures import trained
+from serve_fixtures import require_chromium, trained
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if not CHROMIUM:
-    if os.environ.get("CI"):  # CI installs Debian's chromium (.ci/run exports CI=1): there it must run
-        pytest.fail("CI is set but no chromium is on PATH: .ci/run could not install Debian's chromium package "
-                    "(see its warning); the web-page test cannot run", pytrace=False)
-    REASON = "needs Debian's chromium package (apt-get install chromium); not run (CI unset)"
-    warnings.warn(f"tests/test_web_page.py skipped: {REASON}", pytest.PytestWarning)  # shown without -rs
-    pytest.skip(REASON, allow_module_level=True)
+CHROMIUM = require_chromium()  # in CI (.ci/run) a missing browser fails the run; locally it skips
 websockets_sync = pytest.importorskip("websockets.sync.client")
 
 
