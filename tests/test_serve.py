@@ -396,3 +396,41 @@ def test_web_page_test_fails_in_ci_without_chromium_and_skips_locally_with_a_rea
         require_chromium({"CI": "1"}, which=lambda name: None)
     with pytest.warns(pytest.PytestWarning, match="needs Debian's chromium"), pytest.raises(pytest.skip.Exception):
         require_chromium({}, which=lambda name: None)
+
+
+EXTERNAL = re.compile(r"""(?ix) (?:https?|wss?|ftp):// | (?:src|href|action)\s*=\s*["']?\s*(?:[a-z][a-z0-9+.-]*:|//)
+                      | url\(\s*["']?\s*(?:[a-z][a-z0-9+.-]*:|//) | @import | \bimport\s*\(
+                      | (?:fetch|EventSource|WebSocket)\(\s*["'`](?!/)""")
+LOCAL_REF = re.compile(r"""(?i)(?:src|href)\s*=\s*["']([^"']*)["']""")
+
+
+def external_references(folder) -> list[str]:
+    """Everything in the files of ``folder`` that would reach beyond the server: absolute URLs, protocol-relative
+    or scheme-qualified src/href/url(), CSS @import, dynamic import(), fetch of a non-root-relative address, and any
+    src/href not under /static/ (or relative)."""
+    found = []
+    for f in sorted(folder.iterdir()):
+        text = f.read_text(encoding="utf-8")
+        found += [f"{f.name}: {m.group(0)}" for m in EXTERNAL.finditer(text)]
+        found += [f"{f.name}: {ref}" for ref in LOCAL_REF.findall(text)
+                  if not (ref.startswith("/static/") or not re.match(r"[a-z][a-z0-9+.-]*:|//|/", ref, re.I))]
+    return found
+
+
+def test_the_page_works_offline_no_external_url_or_reference(tmp_path):
+    """The page's files (nanollada/serve/static) reference only the server itself: no CDN, no font or script from
+    elsewhere (the page must work offline). The checker itself finds each kind of outside reference."""
+    from importlib import resources
+    static = resources.files("nanollada.serve") / "static"
+    names = sorted(p.name for p in static.iterdir())
+    assert names == ["app.js", "index.html", "style.css"]
+    assert external_references(static) == []
+    bad = {"a.html": '<script src="https://cdn.example.org/x.js"></script>', "b.html": "<link href='//fonts.x/y'>",
+           "c.css": "@import 'theme.css';", "d.css": "body { background: url(http://x/y.png) }",
+           "e.js": 'fetch("api.example.org/v1")', "f.html": '<img src="/elsewhere/a.png">',
+           "g.js": "const u = 'wss://x/socket';"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+    assert {hit.split(":")[0] for hit in external_references(tmp_path)} == set(bad)
+    (tmp_path / "ok.html").write_text('<script src="/static/app.js"></script><a href="#top">x</a>')
+    assert not [h for h in external_references(tmp_path) if h.startswith("ok.html")]
