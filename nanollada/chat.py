@@ -327,8 +327,7 @@ class ChatREPL:
         except ValueError as e:
             self.say(f"[error] {e}")
             return
-        block = prepared[1].block_length or getattr(s.iface, "block_size", None)
-        stream = TextStream(s.tok, stop_ids=s.iface.stop_ids(), block_length=block)
+        stream = TextStream.for_answer(s.iface, prepared[1], len(prepared[0]))
         view = CanvasView(s.tok, self.out, self.tty) if self.show_denoising else None
         for note in prepared[2]:  # history dropped, answer capped: said before the answer
             self.say(f"[note] {note}")
@@ -384,7 +383,8 @@ class ChatREPL:
         n = sum(t != s.tok.mask_id for t in rec["completion_ids"])  # a stopped canvas: the tokens committed
         self.say(("[stopped] " if stopped else "") +
                  f"[{n} tokens, {rec['forwards']} forwards, {n / max(rec['forwards'], 1):.2f} tokens/forward, "
-                 f"{n / max(rec['seconds'], 1e-9):.1f} tok/s, {wall:.2f}s]")
+                 f"{n / max(rec['seconds'], 1e-9):.1f} tok/s, {wall:.2f}s"
+                 + (f", {rec['edits']} edits" if "edits" in rec else "") + "]")
 
     def run(self) -> None:
         self.banner()

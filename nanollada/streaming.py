@@ -6,7 +6,9 @@ taken back:
 
 - AR: every token is final, the text grows token by token;
 - diffusion: a block is final once decoding has moved on to a later block (a decoder may still change the block
-  it is working on, masks or not: LLaDA 2.1 editing), so text arrives block by block;
+  it is working on, masks or not: LLaDA 2.1 editing), so text arrives block by block, the last block at the end.
+  Masked diffusion's blocks start with the answer; block diffusion's lie at absolute positions, so the answer's
+  first block is the rest of the prompt's last one (``block_offset``; :meth:`TextStream.for_answer` sets both);
 - the answer ends at the first stop id (eos, ``<|im_end|>``) and at the first stop string (OpenAI's ``stop``);
 - text that may still change is held back: a trailing incomplete UTF-8 character (byte-fallback pieces decode to
   U+FFFD until the character is complete) and a tail that could be the start of a stop string.
@@ -30,6 +32,9 @@ class TextStream:
         stop_ids: Token ids that end the answer (not part of it), e.g. ``Paradigm.stop_ids()``.
         stop_strings: Strings that end the answer (not part of it), OpenAI's ``stop``.
         block_length: Diffusion: a canvas settles in whole blocks of this length (None = only once it has no masks).
+        limit: At most this many tokens of the answer (None = no limit).
+        block_offset: Block diffusion: the absolute position of the canvas's first token modulo ``block_length``
+            (the prompt length: blocks lie at absolute positions); 0 when blocks start with the answer.
     """
 
     tokenizer: object
@@ -41,6 +46,20 @@ class TextStream:
     reason: str | None = None  # why the text ended early: "stop" (stop id / stop string) or "length" (limit)
     revised: bool = False  # the final text did not extend the streamed one (a decoder rewrote a settled block)
     _tokens: list = field(default_factory=list)
+    block_offset: int = 0
+
+    @classmethod
+    def for_answer(cls, paradigm, settings, prompt_len: int, **kwargs) -> "TextStream":
+        """The stream of one answer of ``paradigm`` with resolved ``settings`` after a ``prompt_len``-token prompt:
+        its stop ids; for paradigms with a canvas, the decode block and where the blocks lie (AR: none, every token
+        is final)."""
+        block, offset = None, 0
+        if paradigm.supports_trace:
+            block = settings.block_length or getattr(paradigm, "block_size", None)
+            if block and getattr(paradigm, "absolute_blocks", paradigm.name == "block_diffusion"):
+                offset = prompt_len % block
+        return cls(paradigm.tokenizer, stop_ids=paradigm.stop_ids(), block_length=block, block_offset=offset,
+                   **kwargs)
 
     @property
     def stopped(self) -> bool:
@@ -51,14 +70,15 @@ class TextStream:
         """(the part of ``tokens`` that can no longer change, cut before the first stop id and at ``limit``; the
         reason it was cut, if it was)."""
         end, mask = len(tokens), self.tokenizer.mask_id
-        if not final and mask in tokens:
-            first = tokens.index(mask)
-            if self.block_length:  # blocks before the one being decoded (that one may still be edited)
-                last = max((i for i, t in enumerate(tokens) if t != mask), default=-1)
-                L = self.block_length
-                end = min(first - first % L, max(last, 0) - max(last, 0) % L)
-            else:
-                end = 0
+        if not final and self.block_length and tokens:
+            # the blocks before the one being decoded: the block of the first mask (none left: the last block), or
+            # an earlier one while a complete block awaits its edit-only steps (no token after it yet)
+            L, off = self.block_length, self.block_offset
+            current = tokens.index(mask) if mask in tokens else len(tokens) - 1
+            last = max((i for i, t in enumerate(tokens) if t != mask), default=0)
+            end = max(min(current - (current + off) % L, last - (last + off) % L), 0)
+        elif not final and mask in tokens:
+            end = 0
         for i in range(end):
             if tokens[i] in self.stop_ids:
                 if self.limit is not None and i > self.limit:

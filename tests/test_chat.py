@@ -38,7 +38,7 @@ def test_piped_multi_turn_chat_with_commands(ckpts, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "chat checkpoint: the conversation is rendered with the chat template; system prompt: 'Be brief.'" in out
-    assert "temperature=0.7 top_p=0.9" in out  # the AR defaults at start
+    assert "temperature=0.7 top_k=null top_p=0.9 repetition_penalty=1.1" in out  # the AR defaults at start
     assert out.count("bot> ") == 3 and "never read" not in out
     assert "unknown generation setting 'bogus'" in out and "top_p='abc' has the wrong type" in out
     assert re.search(r"settings: .*temperature=0\.0 .*greedy=true", out)  # greedy resolves to temperature 0
@@ -247,9 +247,105 @@ def test_settings_show_every_setting_of_the_paradigm_and_the_editing_thresholds(
     said = out.getvalue().splitlines()
     speedy = dict(p.split("=", 1) for p in said[1].split(" "))
     tau_mask, tau_edit = EDITING_PRESETS["speedy"]
-    assert speedy["editing"] == '"speedy"' and (speedy["tau_mask"], speedy["tau_edit"]) == (str(tau_mask), str(tau_edit))
+    assert speedy["editing"] == '"speedy"'
+    assert (speedy["tau_mask"], speedy["tau_edit"]) == (str(tau_mask), str(tau_edit))
     assert "threshold" not in speedy and "strategy" not in speedy  # the preset decides, not threshold
     assert {"max_post_edit_steps", "edit_penalty", "cfg_scale"} <= set(speedy)
     assert said[0] == "settings: " + said[1]  # /set shows the new settings too
     assert said[2].endswith('editing="custom" tau_mask=0.8 tau_edit=0.6 max_post_edit_steps=16 edit_penalty=0.0'
                             ' seed=0 greedy=false')
+
+
+class Recorder(io.StringIO):
+    """A terminal stand-in that remembers each write and whether an answer was being generated at the time."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.writes = False, []
+
+    def write(self, text):
+        if text:
+            self.writes.append((text, self.live))
+        return super().write(text)
+
+
+def streamed_writes(ckpt, args: list[str], message: str) -> list[str]:
+    """What the REPL wrote while the answer to ``message`` was being generated (the streamed text)."""
+    from nanollada.chat import ChatREPL, ChatSession
+    from nanollada.commands import _settings, _settings_parser
+    from nanollada.loading import load_checkpoint
+    session = ChatSession(load_checkpoint(str(ckpt)), _settings(_settings_parser("t", "", prompts=False)
+                                                                  .parse_args(args)))
+    out, answer = Recorder(), session.answer
+
+    def generating(*a, **k):
+        out.live = True
+        try:
+            return answer(*a, **k)
+        finally:
+            out.live = False
+
+    session.answer = generating
+    ChatREPL(session, inp=io.StringIO(message + "\n"), out=out).run()
+    return [t for t, live in out.writes if live]
+
+
+def test_chat_streams_ar_token_by_token_and_diffusion_block_by_block(ckpts):
+    """The answer reaches the terminal while it is being generated: AR in many pieces (token by token), diffusion
+    one piece per settled block before decoding ends (24 tokens in blocks of 8, no eos before the third block)."""
+    ar = streamed_writes(ckpts["ar"], ["--max_new_tokens", "16", "--seed", "5"], "Name three colours.")
+    assert len(ar) >= 5, ar
+    for name in ("dm", "bd"):
+        blocks = streamed_writes(ckpts[name], ["--max_new_tokens", "24", "--block_length", "8", "--seed", "5",
+                                               "--min_new_tokens", "17"], "Name three colours.")
+        assert 2 <= len(blocks) <= 3, (name, blocks)  # blocks 1 and 2 (3 when the last settles in a step)
+
+
+def test_block_diffusion_chat_with_editing_through_piped_stdin(ckpts):
+    """The chat REPL on a block-diffusion SFT checkpoint, fed piped (non-terminal) input as `nanollada chat ... <
+    file` is (test_piped_multi_turn_chat_with_commands runs the command itself): /set editing=speedy shows the
+    preset's thresholds, the answer streams, and its stats count the edits (temperature 1: sampled commits get
+    rewritten; the threshold default is the paradigm's)."""
+    from nanollada.generate import EDITING_PRESETS, GenerationSettings
+    from nanollada.loading import load_checkpoint
+    default = GenerationSettings().resolve(load_checkpoint(str(ckpts["bd"])).interface.default_generation())
+    out = repl(ckpts["bd"], ["--max_new_tokens", "16"],
+               "/settings\n/set editing=speedy temperature=1.0\nName three colours.\n/quit\n")
+    assert "(block_diffusion," in out and "answers appear block by block" in out
+    assert f'threshold={json.dumps(default.threshold)}' in out and 'editing="off"' in out
+    tau_mask, tau_edit = EDITING_PRESETS["speedy"]
+    assert "settings: max_new_tokens=16 temperature=1.0 block_length=8" in out
+    assert f'editing="speedy" tau_mask={tau_mask} tau_edit={tau_edit}' in out
+    m = re.search(r"bot> (.*)\n\[(\d+) tokens, (\d+) forwards, .*, (\d+) edits\]", out)
+    assert m and int(m.group(4)) > 0 and 1 <= int(m.group(2)) <= 16, out[-2000:]
+
+
+def test_text_stream_follows_block_diffusion_blocks_and_holds_the_last_block(shipped_tokenizer):
+    """Block diffusion's blocks lie at absolute positions: after a 6-token prompt, blocks of 4 put the answer's first
+    block at canvas [0, 2). Text settles only once decoding has moved past a block (an editing decoder may still
+    rewrite the block it is on, full or not), and the last block only at the end."""
+    from nanollada.streaming import TextStream
+    tok = shipped_tokenizer
+    M, w = tok.mask_id, tok.encode("one two three four five six seven eight nine ten")[:10]
+    s = TextStream(tok, block_length=4, block_offset=2)
+    assert s.update(w[:2] + [M] * 8) == ""  # the first block is complete but may still be edited
+    assert s.update(w[:2] + [M, w[3]] + [M] * 6) == tok.decode(w[:2])  # decoding moved on to block [2, 6)
+    assert s.update(w[:6] + [M] * 4) == ""
+    assert s.update(w[:7] + [M] * 3) == tok.decode(w[:6])[len(tok.decode(w[:2])):]
+    assert s.update(w) == ""  # no masks left, but the last block may still be edited
+    before = s.text
+    assert s.finish(w[:9] + [w[0]]) == tok.decode(w[:9] + [w[0]])[len(before):] and not s.revised  # edited: fine
+
+    class Paradigm:
+        supports_trace, name, tokenizer, block_size = True, "block_diffusion", tok, 4
+
+        def stop_ids(self):
+            return {tok.eos_id}
+
+    from nanollada.generate import GenerationSettings
+    made = TextStream.for_answer(Paradigm(), GenerationSettings(block_length=4), prompt_len=6)
+    assert (made.block_length, made.block_offset, made.stop_ids) == (4, 2, {tok.eos_id})
+    Paradigm.name = "diffusion"  # masked diffusion: blocks start with the answer
+    assert TextStream.for_answer(Paradigm(), GenerationSettings(block_length=4), 6).block_offset == 0
+    Paradigm.supports_trace, Paradigm.name = False, "ar"  # AR: every token is final
+    assert TextStream.for_answer(Paradigm(), GenerationSettings(block_length=32), 6).block_length is None

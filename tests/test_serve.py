@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import cli_env
-from serve_fixtures import MAX_SEQ_LEN, trained
+from serve_fixtures import BD_BLOCK, MAX_SEQ_LEN, trained
 
 openai = pytest.importorskip("openai")
 
@@ -28,7 +28,8 @@ def server(tmp_path_factory):
     from nanollada.generate import GenerationSettings
     from nanollada.serve import build_app, start_server
     ck = trained(tmp_path_factory)
-    app = build_app([f"ar={ck['ar']}", f"dm={ck['dm']}", f"pre={ck['pre']}"], GenerationSettings(max_new_tokens=24))
+    app = build_app([f"ar={ck['ar']}", f"dm={ck['dm']}", f"bd={ck['bd']}", f"pre={ck['pre']}"],
+                    GenerationSettings(max_new_tokens=24))
     srv = start_server(app)
     yield srv, app, ck
     srv.stop()
@@ -59,11 +60,16 @@ MSG = [{"role": "user", "content": "Name three colours."}]
 
 
 def test_models_lists_every_checkpoint_with_its_paradigm(server, client):
+    from nanollada.generate import GenerationSettings
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {"ar", "dm", "pre"}
+    assert set(models) == {"ar", "dm", "bd", "pre"}
     status, body = raw(server, "GET", "/v1/models")
     info = {m["id"]: m["nanollada"] for m in body["data"]}
-    assert (info["ar"]["paradigm"], info["dm"]["paradigm"]) == ("ar", "diffusion")
+    assert [info[k]["paradigm"] for k in ("ar", "dm", "bd")] == ["ar", "diffusion", "block_diffusion"]
+    assert info["bd"]["canvas"] and info["bd"]["editing"] and not info["dm"]["editing"] and not info["ar"]["editing"]
+    bd = server[1].state.models["bd"].iface
+    assert info["bd"]["defaults"]["block_length"] == BD_BLOCK and info["bd"]["defaults"]["editing"] == "off"
+    assert info["bd"]["defaults"]["threshold"] == GenerationSettings().resolve(bd.default_generation()).threshold
     assert info["ar"]["chat"] and not info["pre"]["chat"] and info["dm"]["canvas"] and not info["ar"]["canvas"]
     assert info["ar"]["defaults"]["temperature"] == 0.7 and info["dm"]["defaults"]["strategy"] == "threshold"
     assert info["dm"]["defaults"]["use_prefix_cache"] is True and info["dm"]["defaults"]["temperature"] == 1.0
@@ -161,6 +167,66 @@ def test_nanollada_fields_reach_the_decoder(server, client):
                                        extra_body={"nanollada": {"greedy": True}})
     assert a.choices[0].message.content == b.choices[0].message.content  # greedy ignores the seed
     assert a.model_dump()["nanollada"]["settings"]["temperature"] == 0.0
+
+
+def sse_events(body: str) -> list[dict]:
+    """The JSON events of a server-sent-events body (``[DONE]`` left out)."""
+    return [json.loads(e[6:]) for e in body.split("\n\n") if e.startswith("data: ") and e != "data: [DONE]"]
+
+
+def test_streaming_is_incremental_token_by_token_and_block_by_block(server, client):
+    """AR streams an answer token by token (many content chunks, not one at the end); diffusion streams it block by
+    block while later blocks are still being denoised: with the canvas frames as a clock, text of the first blocks
+    arrives before the last frame, while the canvas still has masks."""
+    chunks = list(client.chat.completions.create(model="ar", messages=MSG, max_tokens=16, seed=5, stream=True,
+                                                 stream_options={"include_usage": True}))
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    n = chunks[-1].usage.completion_tokens
+    assert n >= 8 and len(contents) >= max(2, n // 3), (n, contents)
+    for model in ("dm", "bd"):  # 24 tokens in blocks of 8, no eos before the third block: three blocks of text
+        status, body = raw(server, "POST", "/v1/chat/completions", {
+            "model": model, "messages": MSG, "max_tokens": 24, "seed": 5, "stream": True,
+            "nanollada": {"canvas": True, "block_length": BD_BLOCK, "min_new_tokens": 2 * BD_BLOCK + 1}})
+        assert status == 200
+        events = sse_events(body)
+        last_frame = max(i for i, e in enumerate(events) if e["object"] == "nanollada.canvas")
+        deltas = [(i, e["choices"][0]["delta"]["content"]) for i, e in enumerate(events)
+                  if e["object"] != "nanollada.canvas" and e["choices"] and e["choices"][0]["delta"].get("content")]
+        early = [i for i, _ in deltas if i < last_frame]
+        assert len(early) >= 2, (model, len(deltas), last_frame)  # blocks 1 and 2, before decoding ended
+        frame_before = next(events[j] for j in range(early[0], -1, -1) if events[j]["object"] == "nanollada.canvas")
+        assert frame_before["masked"] >= BD_BLOCK  # the first text came while a whole block was still masked
+        full = client.chat.completions.create(model=model, messages=MSG, max_tokens=24, seed=5, extra_body={
+            "nanollada": {"block_length": BD_BLOCK, "min_new_tokens": 2 * BD_BLOCK + 1}})
+        assert "".join(t for _, t in deltas) == full.choices[0].message.content
+
+
+def test_block_diffusion_with_editing_streams_edit_frames_and_editing_stats(server, client):
+    """Block diffusion served with LLaDA 2.1 token editing (``nanollada: {"editing": "speedy"}``): the canvas frames
+    carry the edits (kind ``edit`` with the new token's text), as many as the decoder counts, and the answer's stats
+    name the preset and its (tau_mask, tau_edit). At temperature 1 the tiny model's sampled commits are rewritten
+    often (tau_edit 0); at its greedy default it makes none."""
+    from nanollada.generate import EDITING_PRESETS
+    body = {"model": "bd", "messages": MSG, "max_tokens": 24, "seed": 3, "temperature": 1.0, "stream": True,
+            "nanollada": {"editing": "speedy", "canvas": True}}
+    status, text = raw(server, "POST", "/v1/chat/completions", body)
+    assert status == 200 and text.rstrip().endswith("data: [DONE]")
+    events = sse_events(text)
+    frames = [e for e in events if e["object"] == "nanollada.canvas"]
+    edits = [c for f in frames for c in f["changes"] if c[2] == "edit"]
+    stats = next(e["nanollada"] for e in events if e.get("choices") and e["choices"][0]["finish_reason"])
+    assert stats["paradigm"] == "block_diffusion" and stats["editing"] == "speedy"
+    assert (stats["tau_mask"], stats["tau_edit"]) == EDITING_PRESETS["speedy"]
+    assert stats["edits"] == len(edits) > 0 and all(isinstance(c[1], str) and c[1] for c in edits)
+    assert sum(stats["steps_per_block"]) == stats["forwards"] == len(frames)
+    streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                       if e["object"] != "nanollada.canvas" and e["choices"])
+    full = client.chat.completions.create(model="bd", messages=MSG, max_tokens=24, seed=3, temperature=1.0,
+                                          extra_body={"nanollada": {"editing": "speedy"}})
+    assert full.choices[0].message.content == streamed and full.model_dump()["nanollada"]["edits"] == stats["edits"]
+    off = client.chat.completions.create(model="bd", messages=MSG, max_tokens=24, seed=3, temperature=1.0)
+    off_stats = off.model_dump()["nanollada"]
+    assert "edits" not in off_stats and off_stats["settings"]["editing"] == "off"
 
 
 BAD = [
@@ -375,7 +441,7 @@ def test_load_test_script_runs_bounded_and_clean(server, tmp_path):
                     "--json", str(tmp_path / "load.json")])
     assert out["requests"] == 6 and out["errors"] == 0 and out["mixed_outputs"] == 0
     assert out["requests_per_s"] > 0 and out["p95_s"] >= out["p50_s"] > 0
-    assert set(out["models"]) == {"ar", "dm", "pre"}
+    assert set(out["models"]) == {"ar", "dm", "bd", "pre"}
     with pytest.raises(SystemExit, match="loopback"):
         mod.main(["--url", "http://10.0.0.1:8000"])
 

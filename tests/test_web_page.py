@@ -1,6 +1,7 @@
 """The chat page of `nanollada serve`, in a real headless Chromium driven over the DevTools protocol: load it, send
 a prompt to an AR and a diffusion model side by side, see both answers (equal to the API's), the denoising canvas
-animate (masks filling in), the speed line of each answer, and edits highlighted."""
+animate (masks filling in), the speed line of each answer; a block-diffusion model with token editing beside AR,
+its real edit frames highlighted on the canvas; and no request leaving the server (the page works offline)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ class DevTools:
         self._connection = websockets_sync.connect(ws_url, max_size=None, open_timeout=30)
         self.ws = self._connection.__enter__()
         self.n = 0
+        self.events: list[dict] = []  # the notifications received (Network.requestWillBeSent, ...)
 
     def call(self, method: str, **params):
         self.n += 1
         self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
         while True:
             msg = json.loads(self.ws.recv(timeout=60))
+            if "method" in msg:
+                self.events.append(msg)
             if msg.get("id") == self.n:
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
@@ -52,7 +56,8 @@ def page(tmp_path_factory):
     from nanollada.generate import GenerationSettings
     from nanollada.serve import build_app, start_server
     ck = trained(tmp_path_factory)
-    srv = start_server(build_app([f"ar={ck['ar']}", f"dm={ck['dm']}"], GenerationSettings(max_new_tokens=24)))
+    srv = start_server(build_app([f"ar={ck['ar']}", f"dm={ck['dm']}", f"bd={ck['bd']}"],
+                                 GenerationSettings(max_new_tokens=24)))
     profile = tmp_path_factory.mktemp("chromium")
     browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
@@ -74,6 +79,7 @@ def page(tmp_path_factory):
         targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
         tools = DevTools(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"])
         tools.call("Page.enable")
+        tools.call("Network.enable")  # every request the page makes is recorded (test_page_makes_no_outside_request)
         tools.call("Page.navigate", url=f"{srv.url}/?left=ar&right=dm")
         deadline = time.monotonic() + 30
         while not tools.js("document.querySelectorAll('#model-b option').length > 1"):
@@ -91,11 +97,36 @@ def page(tmp_path_factory):
         srv.stop()
 
 
-def api_answer(srv, model: str, prompt: str, **extra) -> str:
+def api_reply(srv, model: str, prompt: str, **extra) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "seed": 3, **extra}
     req = urllib.request.Request(srv.url + "/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    return json.loads(urllib.request.urlopen(req, timeout=60).read())["choices"][0]["message"]["content"]
+    return json.loads(urllib.request.urlopen(req, timeout=60).read())
+
+
+def api_answer(srv, model: str, prompt: str, **extra) -> str:
+    return api_reply(srv, model, prompt, **extra)["choices"][0]["message"]["content"]
+
+
+def open_page(tools, srv, query: str) -> None:
+    tools.call("Page.navigate", url=f"{srv.url}/?{query}")
+    deadline = time.monotonic() + 30
+    while not tools.js("document.readyState === 'complete' && document.querySelectorAll('#model-b option').length > 1"
+                       " && document.querySelector('#pane-b h2').textContent !== ''"):
+        assert time.monotonic() < deadline, "the page did not list the models"
+        time.sleep(0.05)
+
+
+def wait_done(tools, timeout=120) -> list[dict]:
+    """STATE sampled until both answers are complete."""
+    samples, deadline = [], time.monotonic() + timeout
+    while True:
+        s = tools.js(STATE)
+        samples.append(s)
+        if len(s["done"]) == 2 and all(s["done"]):
+            return samples
+        assert time.monotonic() < deadline, samples[-1]
+        time.sleep(0.02)
 
 
 STATE = """(() => { const c = document.querySelector('#pane-b .msg.assistant:last-of-type .canvas');
@@ -158,3 +189,46 @@ def test_page_highlights_edits_and_reports_errors(page):
         time.sleep(0.05)
     errors = tools.js("[...document.querySelectorAll('.msg.assistant.error .text')].map(t => t.textContent)")
     assert all("maximum context length" in e for e in errors)
+
+
+def test_page_animates_block_diffusion_with_real_edit_frames_beside_ar(page):
+    """A block-diffusion model with LLaDA 2.1 editing (the page's editing control: speedy) beside AR: the canvas
+    animates from the server's frames, every edit in them is highlighted when its frame is drawn, the count agrees
+    with the server's, and the answer and its edits equal the API's. (At temperature 1 the tiny model's sampled
+    commits get rewritten, tau_edit being 0; at its greedy default it makes no edits.)"""
+    tools, srv = page
+    open_page(tools, srv, "left=ar&right=bd")
+    heads = tools.js("[...document.querySelectorAll('.pane h2')].map(h => h.textContent)")
+    assert heads[1].startswith("bd") and "block_diffusion" in heads[1] and "editing off" in heads[1], heads
+    assert "editing" not in heads[0]
+    tools.js("""(() => { window.editCellsDrawn = 0; const draw = Canvas.prototype.draw;
+      Canvas.prototype.draw = function (frame) { draw.call(this, frame);
+        window.editCellsDrawn += this.body.querySelectorAll('.cell.edit').length; };
+      const set = (id, v) => { document.getElementById(id).value = v; };
+      set('seed', 3); set('max-tokens', 24); set('temperature', 1); set('editing', 'speedy'); set('frame-delay', 10);
+      set('prompt', 'Name three colours.'); document.getElementById('send').click(); })()""")
+    samples = wait_done(tools)
+    want_bd = api_reply(srv, "bd", "Name three colours.", temperature=1.0, nanollada={"editing": "speedy"})
+    stats = want_bd["nanollada"]
+    texts = tools.js("[...document.querySelectorAll('.msg.assistant .text')].map(t => t.textContent)")
+    empty = "(empty answer: the model ended at once)"
+    assert texts == [api_answer(srv, "ar", "Name three colours.", temperature=1.0) or empty,
+                     want_bd["choices"][0]["message"]["content"] or empty]
+    canvas = tools.js("Object.assign({}, document.querySelector('#pane-b .canvas').dataset)")
+    assert int(canvas["frames"]) == stats["forwards"] >= 2 and canvas["rendered"] == canvas["frames"]
+    shown = [s["masks"] for s in samples if s["rendered"] > 0]
+    assert len(set(shown)) >= 2 and shown == sorted(shown, reverse=True)  # edits never bring a mask back
+    assert stats["editing"] == "speedy" and stats["edits"] > 0
+    assert int(canvas["edits"]) == tools.js("window.editCellsDrawn") == stats["edits"]  # each one highlighted
+    line = tools.js("document.querySelector('#pane-b .msg.assistant .stats').textContent")
+    assert f"{stats['edits']} edit(s) (speedy)" in line
+    assert tools.js("document.querySelector('#pane-a .canvas') === null")
+
+
+def test_page_makes_no_outside_request(page):
+    """Every request the page made in these tests (documents, scripts, styles, API calls) went to the server."""
+    tools, srv = page
+    tools.js("0")  # reads the notifications sent so far
+    urls = [e["params"]["request"]["url"] for e in tools.events if e["method"] == "Network.requestWillBeSent"]
+    assert any(u.endswith("/static/app.js") for u in urls) and any("/v1/chat/completions" in u for u in urls)
+    assert [u for u in urls if not u.startswith(srv.url + "/")] == []

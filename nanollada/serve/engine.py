@@ -19,7 +19,7 @@ from typing import Callable
 
 from nanollada.generate import GenerationSettings, generate_text
 from nanollada.serve.protocol import EXCLUDED_SETTINGS, APIError
-from nanollada.streaming import TextStream, canvas_changes, fit_to_context
+from nanollada.streaming import TextStream, canvas_changes, fit_to_context, supports_editing
 
 
 class FifoLock:
@@ -125,7 +125,8 @@ class ServedModel:
         resolved = asdict(self.settings.resolve(self.iface.default_generation()))
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": "nanollada",
                 "nanollada": {"paradigm": self.iface.name, "chat": bool(self.iface.is_chat),
-                              "canvas": bool(self.iface.supports_trace), "max_seq_len": self.max_seq_len,
+                              "canvas": bool(self.iface.supports_trace), "editing": supports_editing(self.iface),
+                              "max_seq_len": self.max_seq_len,
                               "parameters": sum(p.numel() for p in self.iface.model.parameters()),
                               "checkpoint": str(self.loaded.path), "defaults": resolved,
                               "requests": {k: self.counters[k] for k in ("completed", "cancelled")}}}
@@ -210,8 +211,7 @@ class ServedModel:
     def _generate(self, job: Job, queue_seconds: float) -> Result:
         tok, s = self.tok, job.settings
         limit = s.max_new_tokens
-        stream = TextStream(tok, stop_ids=self.iface.stop_ids(), stop_strings=job.stops,
-                            block_length=s.block_length or getattr(self.iface, "block_size", None), limit=limit)
+        stream = TextStream.for_answer(self.iface, s, len(job.prompt_ids), stop_strings=job.stops, limit=limit)
         emit = job.on_event or (lambda event: None)
         state = {"prev": None, "step": 0}
         frames = job.canvas and self.iface.supports_trace
@@ -247,7 +247,7 @@ class ServedModel:
                  "tokens_per_second": n / max(rec["seconds"], 1e-9),
                  "tokens_per_forward": n / max(rec["forwards"], 1), "paradigm": self.iface.name,
                  "settings": rec["settings"]}
-        for k in ("steps_per_block", "block_length"):
+        for k in ("steps_per_block", "block_length", "editing", "edits", "tau_mask", "tau_edit"):  # what applies
             if k in rec:
                 stats[k] = rec[k]
         return Result(stream.emitted, reason, len(job.prompt_ids), n, stats)

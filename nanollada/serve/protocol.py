@@ -7,8 +7,10 @@ are accepted only at their neutral values (``n: 1``, ``logprobs: false``, ``pres
 nanollada's own decoding knobs travel under one extra key, ``"nanollada": {...}`` (the openai client sends it with
 ``extra_body={"nanollada": {...}}``): any ``GenerationSettings`` field except ``max_new_tokens`` (use
 ``max_tokens``) and ``chat`` (the endpoint decides), e.g. ``strategy``, ``block_length``, ``threshold``, ``steps``,
-``commit_top_k``, ``budget``, ``use_prefix_cache``, ``top_k``, ``repetition_penalty``, ``greedy``; plus
-``"canvas": true`` (streaming only) for the denoising frames the web page animates.
+``commit_top_k``, ``budget``, ``use_prefix_cache``, ``top_k``, ``repetition_penalty``, ``greedy``, ``cfg_scale``,
+``editing`` (block diffusion: ``speedy`` / ``quality`` / ``custom``; the answer's ``nanollada`` stats then carry
+``edits``, ``tau_mask`` and ``tau_edit``); plus ``"canvas": true`` (streaming only) for the denoising frames the web
+page animates (each change ``[position, text, "fill" | "edit" | "remask"]``).
 """
 
 from __future__ import annotations

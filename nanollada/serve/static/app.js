@@ -55,7 +55,7 @@ function layout() {
     const n = m.nanollada;
     const d = n.defaults;
     const how = n.canvas ? `${d.strategy}${d.use_prefix_cache ? " + prefix cache" : ""}, block ${d.block_length}, ` +
-      `temperature ${d.temperature}`
+      `temperature ${d.temperature}${n.editing ? `, editing ${d.editing}` : ""}`
       : `temperature ${d.temperature}, top-p ${d.top_p}, repetition penalty ${d.repetition_penalty}`;
     h.innerHTML = "";
     h.append(m.id);
@@ -108,6 +108,7 @@ function requestBody(m, text, history) {
     if ($("strategy").value) extra.strategy = $("strategy").value;
     if (num("block-length") !== undefined) extra.block_length = num("block-length");
     if (num("threshold") !== undefined) extra.threshold = num("threshold");
+    if (n.editing && $("editing").value) extra.editing = $("editing").value;  // block diffusion only
   }
   if (Object.keys(extra).length) body.nanollada = extra;
   return body;
@@ -220,6 +221,7 @@ function statsLine(usage, s, finish) {
   const n = usage ? usage.completion_tokens : 0;
   const parts = [`${n} tokens`, `${s.tokens_per_second.toFixed(1)} tok/s`, `${s.forwards} forwards`,
                  `${s.tokens_per_forward.toFixed(2)} tokens/forward`, `${s.seconds.toFixed(2)} s`];
+  if (s.edits !== undefined) parts.push(`${s.edits} edit(s) (${s.editing})`);
   if (s.queue_seconds > 0.05) parts.push(`queued ${s.queue_seconds.toFixed(2)} s`);
   if (finish === "length") parts.push("stopped at max tokens");
   return parts.join(" · ");
