@@ -56,7 +56,7 @@ class TextStream:
         block, offset = None, 0
         if paradigm.supports_trace:
             block = settings.block_length or getattr(paradigm, "block_size", None)
-            if block and getattr(paradigm, "absolute_blocks", paradigm.name == "block_diffusion"):
+            if block and getattr(paradigm, "absolute_blocks", False):
                 offset = prompt_len % block
         return cls(paradigm.tokenizer, stop_ids=paradigm.stop_ids(), block_length=block, block_offset=offset,
                    **kwargs)
@@ -187,7 +187,7 @@ STRATEGY_SETTINGS = ("strategy", "steps", "threshold", "commit_top_k", "budget")
 
 def supports_editing(paradigm) -> bool:
     """Whether the paradigm's decoder reads ``editing`` (LLaDA 2.1 token editing: block diffusion)."""
-    return bool(getattr(paradigm, "supports_editing", paradigm.name == "block_diffusion"))
+    return bool(getattr(paradigm, "supports_editing", False))
 
 
 def applicable_settings(paradigm, settings) -> dict:

@@ -337,7 +337,7 @@ def test_text_stream_follows_block_diffusion_blocks_and_holds_the_last_block(shi
     assert s.finish(w[:9] + [w[0]]) == tok.decode(w[:9] + [w[0]])[len(before):] and not s.revised  # edited: fine
 
     class Paradigm:
-        supports_trace, name, tokenizer, block_size = True, "block_diffusion", tok, 4
+        supports_trace, absolute_blocks, tokenizer, block_size = True, True, tok, 4
 
         def stop_ids(self):
             return {tok.eos_id}
@@ -345,7 +345,7 @@ def test_text_stream_follows_block_diffusion_blocks_and_holds_the_last_block(shi
     from nanollada.generate import GenerationSettings
     made = TextStream.for_answer(Paradigm(), GenerationSettings(block_length=4), prompt_len=6)
     assert (made.block_length, made.block_offset, made.stop_ids) == (4, 2, {tok.eos_id})
-    Paradigm.name = "diffusion"  # masked diffusion: blocks start with the answer
+    Paradigm.absolute_blocks = False  # masked diffusion: blocks start with the answer
     assert TextStream.for_answer(Paradigm(), GenerationSettings(block_length=4), 6).block_offset == 0
-    Paradigm.supports_trace, Paradigm.name = False, "ar"  # AR: every token is final
+    Paradigm.supports_trace = False  # AR: every token is final
     assert TextStream.for_answer(Paradigm(), GenerationSettings(block_length=32), 6).block_length is None

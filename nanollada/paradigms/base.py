@@ -137,6 +137,8 @@ class Paradigm:
     name: ClassVar[str] = "base"
     exact_likelihood: ClassVar[bool] = True  # False: likelihoods are bounds / Monte-Carlo estimates
     supports_trace: ClassVar[bool] = False  # a denoising canvas to show step by step
+    supports_editing: ClassVar[bool] = False  # the decoder reads ``editing`` (LLaDA 2.1 token editing)
+    absolute_blocks: ClassVar[bool] = False  # decode blocks sit at absolute positions (multiples of B)
 
     def __init__(self, model, tokenizer, is_chat: bool = False, config: dict | None = None):
         self.model, self.tokenizer, self.is_chat = model, tokenizer, is_chat

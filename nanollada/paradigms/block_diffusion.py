@@ -29,6 +29,8 @@ class BlockDiffusionParadigm(MaskedDiffusionParadigm):
 
     exact_likelihood = False
     supports_trace = True
+    supports_editing = True
+    absolute_blocks = True
 
     @property
     def block_size(self) -> int:
