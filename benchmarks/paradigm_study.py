@@ -2,8 +2,8 @@
 """AR vs masked diffusion vs block diffusion (several block sizes) on one backbone, matched steps and tokens.
 
 One AR pretraining run on the real zh+en mix (``configs/real/cpu/ar_pretrain.yaml``, ``small`` preset), then from
-that checkpoint, with the same steps, batch and rows each: masked diffusion (``diffusion_from_ar``) and block
-diffusion at every ``--block-sizes`` (``block_diffusion_from_ar`` with a fixed block size, no schedule). Then:
+that checkpoint, with the same steps, batch and rows each: AR itself (``ar_continued``, the matched baseline), masked
+diffusion (``diffusion_from_ar``) and block diffusion at every ``--block-sizes`` (``block_diffusion_from_ar`` with a fixed block size, no schedule). Then:
 
 - ``nanollada eval`` held-out perplexity per source on identical validation tokens (AR exact, the diffusion models
   their Monte-Carlo ELBO bounds);
@@ -144,6 +144,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ckpts = {"ar": fit("ar", "configs/real/cpu/ar_pretrain.yaml", args, [], args.ar_steps)}
     init = ["--model.init_from", str(ckpts["ar"])]
+    # the AR baseline at matched steps: the same AR checkpoint trained --steps more on the same rows, like the others
+    ckpts["ar_continued"] = fit("ar_continued", "configs/real/cpu/ar_pretrain.yaml", args, init, args.steps)
     ckpts["masked_diffusion"] = fit("masked_diffusion", "configs/real/cpu/diffusion_from_ar.yaml", args, init,
                                     args.steps)
     for b in args.block_sizes:
